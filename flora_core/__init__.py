@@ -1,0 +1,1 @@
+"""Flora core: FLORA and VeLoRA over array operations, for every framework."""

@@ -130,6 +130,8 @@ class WordOps:
         if isinstance(x, int):
             return self.const(x & MASK32, device)
         xp = self.xp
+        if not hasattr(x, "shape"):  # a numpy scalar
+            x = xp.asarray(x)
         if self.backend == "torch":
             return xp.bitwise_and(xp.astype(x, xp.int64), MASK32)
         return xp.astype(x, self.dtype)

@@ -52,8 +52,8 @@ def check_seed(seed: object) -> int:
 
 
 def _check_word(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        return  # an array (possibly traced): taken mod 2**32
+    if isinstance(value, bool) or not isinstance(value, int):
+        return  # an array or numpy scalar (possibly traced): taken mod 2**32
     if not 0 <= int(value) <= MASK32:
         raise ValueError(f"Invalid {name}: {value} (expected an int in [0, 2**32))")
 

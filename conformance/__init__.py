@@ -1,0 +1,1 @@
+"""The Flora conformance suite: one suite, run once per installed stack."""

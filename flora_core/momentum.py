@@ -1,0 +1,79 @@
+"""Compressed momentum: FLORA Algorithm 2 (DESIGN §4, normative).
+
+With ``t`` updates applied so far and resample index ``i = t // κ``:
+when ``t > 0`` and ``t % κ == 0`` the moment moves from ``A_{i-1}`` to ``A_i``
+(see NOTE [momentum transfer]); then ``M <- β M + (1 - β) compress(U, A_i)`` and the
+direction is ``decompress(M, A_i)``.
+
+``count`` may be a Python int (eager adapters: the transfer is a Python branch) or an
+integer array (traced code: the transfer is gated with ``where``, never a branch).
+
+References:
+    Hao, Cao, Mou. "Flora: Low-Rank Adapters Are Secretly Gradient Compressors",
+    ICML 2024, Algorithm 2.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flora_core._xp import Array, Namespace
+from flora_core.policy import ROLE_MOMENTUM, CompressionPlan
+from flora_core.projection import compress, decompress, projection, transfer
+
+
+def resample_index(count: Array | int, kappa: int) -> Array | int:
+    """``i = t // κ``: which projection step ``t`` uses."""
+    return count // kappa
+
+
+def _transferred(
+    mu: Array, count: Array | int, kappa: int, a_new: Any, plan: CompressionPlan,
+    xp: Namespace, device: Any,
+) -> Array:  # fmt: skip
+    """``mu`` moved onto ``a_new`` when ``count`` starts a new resample interval."""
+    if a_new is None:
+        return mu
+    index = resample_index(count, kappa)
+    if isinstance(count, int):
+        if count == 0 or count % kappa:
+            return mu
+        a_old = projection(plan, index - 1, ROLE_MOMENTUM, xp=xp, device=device)
+        return transfer(mu, a_old, a_new, plan.axis, xp=xp)  # type: ignore[arg-type]
+    # Traced: index - 1 wraps to 2**32 - 1 at t = 0, a harmless draw that is masked.
+    a_old = projection(plan, index - 1, ROLE_MOMENTUM, xp=xp, device=device)
+    moved = transfer(mu, a_old, a_new, plan.axis, xp=xp)  # type: ignore[arg-type]
+    starts_interval = (count > 0) & (count % kappa == 0)
+    return xp.where(starts_interval, moved, mu)
+
+
+def momentum_update(
+    mu: Array,
+    update: Array,
+    count: Array | int,
+    *,
+    beta: float,
+    kappa: int,
+    plan: CompressionPlan,
+    xp: Namespace,
+    device: Any = None,
+) -> tuple[Array, Array]:
+    """One step of compressed EMA.
+
+    Args:
+        mu: the compressed moment (``plan.state_shape``), or the full one when the
+            parameter is not compressed.
+        update: the new float32 update, in the matrix view when compressed.
+        count: ``t``, the number of updates applied before this one.
+        beta: EMA decay.
+        kappa: resampling interval κ.
+        plan: the parameter's compression plan.
+
+    Returns:
+        ``(new_mu, direction)``: the new moment and its decompressed value (same
+        shape as ``update``).
+    """
+    a = projection(plan, resample_index(count, kappa), ROLE_MOMENTUM, xp=xp, device=device)
+    mu = _transferred(mu, count, kappa, a, plan, xp, device)
+    new_mu = beta * mu + (1.0 - beta) * compress(update, a, plan.axis, xp=xp)  # type: ignore[arg-type]
+    return new_mu, decompress(new_mu, a, plan.axis, xp=xp)  # type: ignore[arg-type]

@@ -1,0 +1,285 @@
+"""Full update rules as pure functions: ``flora_adam`` and ``flora_adafactor``.
+
+Each rule is a pair: ``*_init(plan, config, xp=...) -> state`` and
+``rule(grad, state, param, plan=..., config=..., lr=...) -> (update, new_state)``,
+with ``param + update`` the new parameter. Inputs are never mutated; the math runs in
+float32 whatever the parameter dtype, and the update is float32 (the adapter casts).
+
+``state["count"]`` may be a Python int (eager adapters) or an integer array (traced
+code); the returned count has the same kind.
+
+References:
+    Hao, Cao, Mou. "Flora: Low-Rank Adapters Are Secretly Gradient Compressors",
+    ICML 2024. Kingma, Ba. "Adam", ICLR 2015; Loshchilov, Hutter. "Decoupled Weight
+    Decay Regularization", ICLR 2019. Shazeer, Stern. "Adafactor", ICML 2018.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from flora_core._xp import Array, Namespace, namespace
+from flora_core.momentum import momentum_update
+from flora_core.policy import CompressionPlan
+from flora_core.validation import (
+    check_beta,
+    check_gradient,
+    check_nonnegative,
+    check_positive_int,
+)
+
+State = dict[str, Any]
+FACTORED_EPS = 1e-30
+
+
+@dataclass(frozen=True)
+class AdamConfig:
+    """FloraAdam hyper-parameters (the learning rate is passed per step)."""
+
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    kappa: int = 1000
+    factored: bool = False
+
+    def __post_init__(self) -> None:
+        check_beta("b1", self.b1)
+        check_beta("b2", self.b2)
+        check_nonnegative("eps", self.eps)
+        check_nonnegative("weight_decay", self.weight_decay)
+        check_positive_int("kappa", self.kappa)
+
+
+@dataclass(frozen=True)
+class AdafactorConfig:
+    """FloraAdafactor hyper-parameters: those of ``optax.adafactor`` plus κ."""
+
+    momentum: float | None = 0.9
+    decay_rate: float = 0.8
+    decay_offset: int = 0
+    min_dim_size_to_factor: int = 128
+    clipping_threshold: float | None = 1.0
+    multiply_by_parameter_scale: bool = True
+    weight_decay_rate: float | None = None
+    eps: float = 1e-30
+    factored: bool = True
+    kappa: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.momentum is not None:
+            check_beta("momentum", self.momentum)
+        check_nonnegative("decay_rate", self.decay_rate)
+        check_nonnegative("eps", self.eps)
+        check_positive_int("kappa", self.kappa)
+        if self.clipping_threshold is not None and not self.clipping_threshold > 0:
+            raise ValueError(f"Invalid clipping_threshold: {self.clipping_threshold!r}")
+        if self.weight_decay_rate is not None:
+            check_nonnegative("weight_decay_rate", self.weight_decay_rate)
+
+
+def _zeros(shape: tuple[int, ...], xp: Namespace, device: Any) -> Array:
+    if device is None:
+        return xp.zeros(shape, dtype=xp.float32)
+    return xp.zeros(shape, dtype=xp.float32, device=device)
+
+
+def _count_zero(xp: Namespace, device: Any) -> Array:
+    if device is None:
+        return xp.asarray(0, dtype=xp.int32)
+    return xp.asarray(0, dtype=xp.int32, device=device)
+
+
+def momentum_shape(plan: CompressionPlan) -> tuple[int, ...]:
+    """Shape of ``mu``: compressed (``plan.state_shape``) or the parameter's own."""
+    return plan.state_shape if plan.compressed else plan.shape
+
+
+def _as_float(count: Array | int, offset: int, xp: Namespace) -> Array | float:
+    """``count + offset`` as a float (Python float, or float32 array when traced)."""
+    if isinstance(count, int):
+        return float(count + offset)
+    return xp.astype(count + offset, xp.float32)
+
+
+def _ema_momentum(
+    mu: Array, u: Array, count: Array | int, beta: float, kappa: int,
+    plan: CompressionPlan, xp: Namespace, device: Any,
+) -> tuple[Array, Array]:  # fmt: skip
+    """Compressed (or, uncompressed, exact) EMA of ``u``; returns (mu, direction)."""
+    view = xp.reshape(u, plan.matrix_shape) if plan.compressed else u
+    mu, direction = momentum_update(
+        mu, view, count, beta=beta, kappa=kappa, plan=plan, xp=xp, device=device
+    )
+    return mu, xp.reshape(direction, plan.shape)
+
+
+# --------------------------------------------------------------------------------------
+# FloraAdam
+# --------------------------------------------------------------------------------------
+
+
+def adam_factored(plan: CompressionPlan, config: AdamConfig) -> bool:
+    return config.factored and len(plan.shape) >= 2
+
+
+def flora_adam_init(
+    plan: CompressionPlan, config: AdamConfig, *, xp: Namespace, device: Any = None
+) -> State:
+    """Zero state: ``count``, ``mu`` and ``nu`` (or ``nu_row``/``nu_col`` when factored)."""
+    state: State = {
+        "count": _count_zero(xp, device),
+        "mu": _zeros(momentum_shape(plan), xp, device),
+    }
+    if adam_factored(plan, config):
+        n, m = plan.matrix_shape
+        state["nu_row"] = _zeros((n,), xp, device)
+        state["nu_col"] = _zeros((m,), xp, device)
+    else:
+        state["nu"] = _zeros(plan.shape, xp, device)
+    return state
+
+
+def flora_adam(
+    grad: Array,
+    state: State,
+    param: Array,
+    *,
+    plan: CompressionPlan,
+    config: AdamConfig,
+    lr: Array | float,
+    xp: Namespace | None = None,
+    device: Any = None,
+) -> tuple[Array, State]:
+    """FloraAdam: AdamW whose first moment is FLORA's compressed momentum.
+
+    ``m = decompress(M)`` (Algorithm 2 with β1), ``v = β2 v + (1-β2) g²`` (or its
+    Adafactor factorisation), and
+    ``update = -lr * (m / (1-β1^t) / (sqrt(v / (1-β2^t)) + eps) + wd * param)``.
+    """
+    xp = xp or namespace(grad)
+    check_gradient(grad, xp=xp)
+    g = xp.astype(grad, xp.float32)
+    count = state["count"]
+    mu, direction = _ema_momentum(state["mu"], g, count, config.b1, config.kappa, plan, xp, device)
+    new_state: State = {"count": count + 1, "mu": mu}
+    b2 = config.b2
+    if adam_factored(plan, config):
+        sq = xp.reshape(g * g, plan.matrix_shape) + FACTORED_EPS
+        nu_row = b2 * state["nu_row"] + (1.0 - b2) * xp.mean(sq, axis=1)
+        nu_col = b2 * state["nu_col"] + (1.0 - b2) * xp.mean(sq, axis=0)
+        new_state.update(nu_row=nu_row, nu_col=nu_col)
+        outer = xp.reshape(nu_row, (-1, 1)) * xp.reshape(nu_col, (1, -1)) / xp.mean(nu_row)
+        nu = xp.reshape(outer, plan.shape)
+    else:
+        nu = b2 * state["nu"] + (1.0 - b2) * (g * g)
+        new_state["nu"] = nu
+    t = _as_float(count, 1, xp)
+    step = (direction / (1.0 - config.b1**t)) / (xp.sqrt(nu / (1.0 - b2**t)) + config.eps)
+    if config.weight_decay:
+        step = step + config.weight_decay * xp.astype(param, xp.float32)
+    return -lr * step, new_state
+
+
+# --------------------------------------------------------------------------------------
+# FloraAdafactor
+# --------------------------------------------------------------------------------------
+
+
+def factored_dims(
+    shape: tuple[int, ...], factored: bool, min_dim_size_to_factor: int
+) -> tuple[int, int] | None:
+    """Adafactor's choice: ``(d1, d0)``, the second-largest and largest axes, or None."""
+    if not factored or len(shape) < 2:
+        return None
+    order = np.argsort(shape)
+    if shape[order[-2]] < min_dim_size_to_factor:
+        return None
+    return int(order[-2]), int(order[-1])
+
+
+def _without(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
+    return shape[:axis] + shape[axis + 1 :]
+
+
+def flora_adafactor_init(
+    plan: CompressionPlan, config: AdafactorConfig, *, xp: Namespace, device: Any = None
+) -> State:
+    """Zero state: ``count``, ``nu_row``/``nu_col`` or ``nu``, and ``mu`` with momentum."""
+    state: State = {"count": _count_zero(xp, device)}
+    dims = factored_dims(plan.shape, config.factored, config.min_dim_size_to_factor)
+    if dims is None:
+        state["nu"] = _zeros(plan.shape, xp, device)
+    else:
+        d1, d0 = dims
+        state["nu_row"] = _zeros(_without(plan.shape, d0), xp, device)
+        state["nu_col"] = _zeros(_without(plan.shape, d1), xp, device)
+    if config.momentum is not None:
+        state["mu"] = _zeros(momentum_shape(plan), xp, device)
+    return state
+
+
+def _scale_by_factored_rms(
+    g: Array, state: State, new_state: State, decay: Any, dims: tuple[int, int] | None,
+    eps: float, xp: Namespace,
+) -> Array:  # fmt: skip
+    sq = g * g + eps
+    if dims is None:
+        nu = decay * state["nu"] + (1.0 - decay) * sq
+        new_state["nu"] = nu
+        return g * nu**-0.5
+    d1, d0 = dims
+    nu_row = decay * state["nu_row"] + (1.0 - decay) * xp.mean(sq, axis=d0)
+    nu_col = decay * state["nu_col"] + (1.0 - decay) * xp.mean(sq, axis=d1)
+    new_state.update(nu_row=nu_row, nu_col=nu_col)
+    reduced_d1 = d1 - 1 if d1 > d0 else d1
+    row_factor = (nu_row / xp.mean(nu_row, axis=reduced_d1, keepdims=True)) ** -0.5
+    col_factor = nu_col**-0.5
+    return g * xp.expand_dims(row_factor, axis=d0) * xp.expand_dims(col_factor, axis=d1)
+
+
+def _rms(x: Array, xp: Namespace) -> Array:
+    return xp.sqrt(xp.mean(x * x))
+
+
+def flora_adafactor(
+    grad: Array,
+    state: State,
+    param: Array,
+    *,
+    plan: CompressionPlan,
+    config: AdafactorConfig,
+    lr: Array | float,
+    xp: Namespace | None = None,
+    device: Any = None,
+) -> tuple[Array, State]:
+    """FloraAdafactor: ``optax.adafactor(momentum=β1)`` with FLORA's compressed EMA.
+
+    Factored RMS scaling, block-RMS clipping, learning rate, optional parameter
+    scaling, then the momentum EMA (compressed: Algorithm 2), weight decay, sign flip.
+    """
+    xp = xp or namespace(grad)
+    check_gradient(grad, xp=xp)
+    g = xp.astype(grad, xp.float32)
+    p = xp.astype(param, xp.float32)
+    count = state["count"]
+    new_state: State = {"count": count + 1}
+    decay = 1.0 - _as_float(count, 1 - config.decay_offset, xp) ** (-config.decay_rate)
+    dims = factored_dims(plan.shape, config.factored, config.min_dim_size_to_factor)
+    u = _scale_by_factored_rms(g, state, new_state, decay, dims, config.eps, xp)
+    if config.clipping_threshold is not None:
+        u = u / xp.maximum(_rms(u, xp) / config.clipping_threshold, 1.0)
+    u = lr * u
+    if config.multiply_by_parameter_scale:
+        rms = _rms(p, xp)
+        u = u * xp.maximum(rms, 1e-3)
+    if config.momentum is not None:
+        new_state["mu"], u = _ema_momentum(
+            state["mu"], u, count, config.momentum, config.kappa, plan, xp, device
+        )
+    if config.weight_decay_rate is not None:
+        u = u + config.weight_decay_rate * p
+    return -u, new_state

@@ -14,7 +14,15 @@ import shutil
 
 import nox
 
-nox.options.sessions = ["lint", "numpy", "torch", "jax", "tensorflow", "keras", "conformance"]
+nox.options.sessions = [
+    "lint",
+    "numpy",
+    "torch",
+    "jax",
+    "tensorflow",
+    "keras",
+    "conformance",
+]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = False
 
@@ -34,7 +42,9 @@ def _install(session: nox.Session, *packages: str) -> None:
 
 def _pytest(session: nox.Session, backend: str, *paths: str, **env: str) -> None:
     present = [p for p in paths if os.path.exists(p.split("::")[0])]
-    session.run(*PYTEST, *present, *session.posargs, env={"FLORA_BACKEND": backend, **env})
+    session.run(
+        *PYTEST, *present, *session.posargs, env={"FLORA_BACKEND": backend, **env}
+    )
 
 
 @nox.session
@@ -51,9 +61,13 @@ def numpy(session: nox.Session) -> None:
     """The core on numpy: RNG, projections, rules, state; numpy-only VeLoRA."""
     _install(session)
     _pytest(
-        session, "numpy", "conformance", "tests/core", "tests/velora/test_velora_core.py",
+        session,
+        "numpy",
+        "conformance",
+        "tests/core",
+        "tests/velora/test_velora_core.py",
         FLORA_ADAPTERS="none",
-    )  # fmt: skip
+    )
 
 
 @nox.session
@@ -61,9 +75,13 @@ def torch(session: nox.Session) -> None:
     """The core on torch, flora_torch, its VeLoRA, DDP and the HF Trainer client."""
     _install(session, TORCH, "transformers", "accelerate", "safetensors")
     _pytest(
-        session, "torch", "conformance", "tests/torch", "tests/velora/test_velora_torch.py",
+        session,
+        "torch",
+        "conformance",
+        "tests/torch",
+        "tests/velora/test_velora_torch.py",
         FLORA_ADAPTERS="torch",
-    )  # fmt: skip
+    )
 
 
 @nox.session
@@ -71,9 +89,13 @@ def jax(session: nox.Session) -> None:
     """The core on JAX (x64 off), flora_optax, its VeLoRA and a flax client."""
     _install(session, *JAX)
     _pytest(
-        session, "jax", "conformance", "tests/optax", "tests/velora/test_velora_jax.py",
+        session,
+        "jax",
+        "conformance",
+        "tests/optax",
+        "tests/velora/test_velora_jax.py",
         FLORA_ADAPTERS="optax",
-    )  # fmt: skip
+    )
 
 
 @nox.session
@@ -90,9 +112,14 @@ def keras(session: nox.Session, backend: str) -> None:
     stack = {"tensorflow": (TENSORFLOW,), "jax": JAX, "torch": (TORCH,)}[backend]
     _install(session, "keras", *stack)
     _pytest(
-        session, backend, "conformance/test_adapters.py", "tests/keras",
-        "tests/velora/test_velora_keras.py", KERAS_BACKEND=backend, FLORA_ADAPTERS="keras",
-    )  # fmt: skip
+        session,
+        backend,
+        "conformance/test_adapters.py",
+        "tests/keras",
+        "tests/velora/test_velora_keras.py",
+        KERAS_BACKEND=backend,
+        FLORA_ADAPTERS="keras",
+    )
 
 
 @nox.session

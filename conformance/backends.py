@@ -34,11 +34,11 @@ class Backend:
         return np.asarray(_xp.to_numpy(x))
 
     def compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        """``fn`` under the backend's compiler (static keyword arguments stay Python)."""
+        """``fn`` under the backend's compiler (array arguments only)."""
         if self.name == "jax":
             import jax
 
-            return jax.jit(fn, static_argnames=("shape", "offset"))
+            return jax.jit(fn)
         if self.name == "torch":
             import torch
 

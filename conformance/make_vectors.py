@@ -16,7 +16,12 @@ from conformance.problems import PROBLEMS, oracle
 from flora_core import rng
 
 VECTORS = Path(__file__).parent / "vectors"
-RNG_CASES = ((0, 0, 0), (1, 2, 3), (2**64 - 1, 2**32 - 1, 2**32 - 1), (0xDEADBEEF12345678, 7, 41))
+RNG_CASES = (
+    (0, 0, 0),
+    (1, 2, 3),
+    (2**64 - 1, 2**32 - 1, 2**32 - 1),
+    (0xDEADBEEF12345678, 7, 41),
+)
 
 
 def oracle_path(name: str) -> Path:
@@ -27,7 +32,9 @@ def load_oracle(name: str) -> list[list[np.ndarray]]:
     with np.load(oracle_path(name)) as data:
         steps = 1 + max(int(k.split("_")[0][4:]) for k in data.files)
         params = 1 + max(int(k.split("_")[1][5:]) for k in data.files)
-        return [[data[f"step{t}_param{i}"] for i in range(params)] for t in range(steps)]
+        return [
+            [data[f"step{t}_param{i}"] for i in range(params)] for t in range(steps)
+        ]
 
 
 def rng_vectors() -> list[dict]:
@@ -35,8 +42,14 @@ def rng_vectors() -> list[dict]:
     for seed, step, stream in RNG_CASES:
         words = rng.random_bits(seed, step, stream, (3, 9), xp=np, offset=(5, 3))
         cases.append(
-            {"seed": seed, "step": step, "stream": stream, "shape": [3, 9], "offset": [5, 3],
-             "words": [[f"{int(w):08x}" for w in row] for row in words]}  # fmt: skip
+            {
+                "seed": seed,
+                "step": step,
+                "stream": stream,
+                "shape": [3, 9],
+                "offset": [5, 3],
+                "words": [[f"{int(w):08x}" for w in row] for row in words],
+            }
         )
     return cases
 

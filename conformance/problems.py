@@ -15,6 +15,7 @@ changed vector needs a reason in the commit message).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -59,7 +60,9 @@ class Problem:
 
     def plans(self) -> list[policy.CompressionPlan]:
         return [
-            policy.plan(s, i, rank=self.rank, seed=self.seed, distribution=self.projection)
+            policy.plan(
+                s, i, rank=self.rank, seed=self.seed, distribution=self.projection
+            )
             for i, s in enumerate(self.shapes)
         ]
 
@@ -82,7 +85,9 @@ def _bounded_gradient(rs: np.random.Generator, shape: tuple[int, ...]) -> np.nda
     NOTE [conditioning]: with a compressed first moment, ``m / sqrt(v)`` is unbounded
     where a gradient element is near zero (``m`` comes from the projection, not from
     that element), so a gaussian gradient stream amplifies float32 rounding by 1e4
-    and cross-framework comparisons would measure conditioning, not plumbing.
+    and cross-framework comparisons would measure conditioning, not plumbing. For
+    the same reason the Adam accumulation problem uses the factored second moment:
+    a decompressed accumulated gradient has near-zero elements of its own.
     """
     signs = rs.choice(np.array([-1.0, 1.0], dtype=np.float32), size=shape)
     return (signs * rs.uniform(0.5, 1.5, size=shape)).astype(np.float32)
@@ -94,29 +99,45 @@ PROBLEMS: dict[str, Problem] = {
         Problem("adam", "adam", weight_decay=0.01),
         Problem("adam_factored", "adam", factored=True),
         Problem("adafactor", "adafactor", factored=True),
-        Problem("adam_accumulate", "adam", steps=5, accumulation_steps=3),
-        Problem("adafactor_accumulate", "adafactor", steps=5, accumulation_steps=3, factored=True),
+        Problem(
+            "adam_accumulate", "adam", steps=5, accumulation_steps=3, factored=True
+        ),
+        Problem(
+            "adafactor_accumulate",
+            "adafactor",
+            steps=5,
+            accumulation_steps=3,
+            factored=True,
+        ),
         Problem("adam_rademacher", "adam", projection="rademacher"),
     )
 }
 
 
-def oracle(problem: Problem, *, traced_count: bool = False) -> list[list[np.ndarray]]:
-    """The numpy core's parameters after each update of ``problem``.
+def oracle(
+    problem: Problem, *, traced_count: bool = False, backend: Any = None
+) -> list[list[np.ndarray]]:
+    """The core's parameters after each update of ``problem`` (numpy unless ``backend``).
 
-    ``traced_count=True`` keeps ``count`` as a numpy array, exercising the ``where``
+    ``traced_count=True`` keeps ``count`` as an array, exercising the ``where``
     gating that jitted adapters use, instead of Python branches.
     """
-    import array_api_compat.numpy as xp
+    if backend is None:
+        import array_api_compat.numpy as xp
 
+        asarray, to_numpy = xp.asarray, np.array
+    else:
+        xp, asarray, to_numpy = backend.xp, backend.asarray, backend.to_numpy
     plans, config = problem.plans(), problem.config()
     rule = rules.flora_adam if problem.rule == "adam" else rules.flora_adafactor
-    init = rules.flora_adam_init if problem.rule == "adam" else rules.flora_adafactor_init
+    init = (
+        rules.flora_adam_init if problem.rule == "adam" else rules.flora_adafactor_init
+    )
     states = [init(p, config, xp=xp) for p in plans]
     if not traced_count:
         for s in states:
             s["count"] = 0
-    params = [xp.asarray(p) for p in problem.initial_params()]
+    params = [asarray(p) for p in problem.initial_params()]
     tau = problem.accumulation_steps
     trajectory = []
     for t, micro_batches in enumerate(problem.grads()):
@@ -124,13 +145,20 @@ def oracle(problem: Problem, *, traced_count: bool = False) -> list[list[np.ndar
             if tau > 1:
                 acc = xp.zeros(accumulation.accumulator_shape(plan), dtype=xp.float32)
                 for grads in micro_batches:
-                    acc = accumulation.accumulate(acc, grads[i], t, plan=plan, xp=xp)
+                    g = asarray(grads[i])
+                    acc = accumulation.accumulate(acc, g, t, plan=plan, xp=xp)
                 grad = accumulation.accumulated_gradient(acc, t, tau, plan=plan, xp=xp)
             else:
-                grad = micro_batches[0][i]
+                grad = asarray(micro_batches[0][i])
             update, states[i] = rule(
-                grad, states[i], params[i], plan=plan, config=config, lr=problem.lr, xp=xp
+                grad,
+                states[i],
+                params[i],
+                plan=plan,
+                config=config,
+                lr=problem.lr,
+                xp=xp,
             )
             params[i] = params[i] + update
-        trajectory.append([np.array(p) for p in params])
+        trajectory.append([to_numpy(p) for p in params])
     return trajectory

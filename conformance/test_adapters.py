@@ -38,9 +38,12 @@ def _load_adapters() -> list[str]:
 
 LOADED = _load_adapters()
 IDENTITY = {
-    "adam_identity": Problem("adam_identity", "adam", projection="identity", weight_decay=0.01),
-    "adafactor_identity": Problem("adafactor_identity", "adafactor", projection="identity",
-                                  factored=True),  # fmt: skip
+    "adam_identity": Problem(
+        "adam_identity", "adam", projection="identity", weight_decay=0.01
+    ),
+    "adafactor_identity": Problem(
+        "adafactor_identity", "adafactor", projection="identity", factored=True
+    ),
 }
 
 
@@ -49,7 +52,9 @@ def assert_trajectories_close(got, want, rtol: float, atol: float, label: str) -
     for t, (params_got, params_want) in enumerate(zip(got, want, strict=True)):
         for i, (g, w) in enumerate(zip(params_got, params_want, strict=True)):
             g = np.asarray(g, dtype=np.float32)
-            assert g.shape == w.shape, f"{label}: step {t} param {i} shape {g.shape} != {w.shape}"
+            assert g.shape == w.shape, (
+                f"{label}: step {t} param {i} shape {g.shape} != {w.shape}"
+            )
             np.testing.assert_allclose(
                 g, w, rtol=rtol, atol=atol, err_msg=f"{label}: step {t}, param {i}"
             )
@@ -62,7 +67,11 @@ def test_adapter_follows_oracle(adapter: str, problem: str) -> None:
     if not entry.supports(spec):
         pytest.skip(f"{adapter} does not support {problem}")
     assert_trajectories_close(
-        entry.run(spec), load_oracle(problem), entry.rtol, entry.atol, f"{adapter}/{problem}"
+        entry.run(spec),
+        load_oracle(problem),
+        entry.rtol,
+        entry.atol,
+        f"{adapter}/{problem}",
     )
 
 
@@ -73,5 +82,7 @@ def test_identity_mode_equals_host_optimizer(adapter: str, problem: str) -> None
     if entry.run_reference is None or not entry.supports(spec):
         pytest.skip(f"{adapter} has no reference for {problem}")
     reference = entry.run_reference(spec)
-    assert_trajectories_close(entry.run(spec), reference, 1e-4, 1e-5, f"{adapter}/{problem}")
+    assert_trajectories_close(
+        entry.run(spec), reference, 1e-4, 1e-5, f"{adapter}/{problem}"
+    )
     assert_trajectories_close(oracle(spec), reference, 1e-4, 1e-5, f"core/{problem}")

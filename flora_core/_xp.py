@@ -19,6 +19,7 @@ Every backend gets it exactly, but by a different route:
 from __future__ import annotations
 
 import functools
+import importlib
 from typing import Any
 
 import array_api_compat
@@ -31,12 +32,16 @@ BACKENDS = ("numpy", "torch", "jax", "tensorflow", "cupy")
 
 
 def _is_tensorflow(x: object) -> bool:
-    return type(x).__module__.startswith(("tensorflow", "tf_keras", "keras.src.backend.tensorflow"))
+    return type(x).__module__.startswith(
+        ("tensorflow", "tf_keras", "keras.src.backend.tensorflow")
+    )
 
 
 def namespace(*arrays: Array) -> Namespace:
     """The namespace of ``arrays`` (Python scalars and None are ignored)."""
-    arrays = tuple(a for a in arrays if a is not None and not isinstance(a, int | float))
+    arrays = tuple(
+        a for a in arrays if a is not None and not isinstance(a, int | float)
+    )
     if any(_is_tensorflow(a) for a in arrays):
         return tensorflow_namespace()
     return array_api_compat.array_namespace(*arrays)
@@ -44,19 +49,17 @@ def namespace(*arrays: Array) -> Namespace:
 
 def namespace_for(backend: str) -> Namespace:
     """The namespace of a backend named in ``BACKENDS`` (imports that framework)."""
-    if backend == "numpy":
-        import array_api_compat.numpy as xp
-    elif backend == "torch":
-        import array_api_compat.torch as xp
-    elif backend == "cupy":
-        import array_api_compat.cupy as xp
-    elif backend == "jax":
-        import jax.numpy as xp
-    elif backend == "tensorflow":
+    if backend == "tensorflow":
         return tensorflow_namespace()
-    else:
+    modules = {
+        "numpy": "array_api_compat.numpy",
+        "torch": "array_api_compat.torch",
+        "cupy": "array_api_compat.cupy",
+        "jax": "jax.numpy",
+    }
+    if backend not in modules:
         raise ValueError(f"Unknown backend {backend!r}; expected one of {BACKENDS}")
-    return xp
+    return importlib.import_module(modules[backend])
 
 
 def backend_name(xp: Namespace) -> str:
@@ -175,8 +178,12 @@ class WordOps:
             )
             return hi, a * xp.asarray(multiplier, dtype=xp.uint32)
         wide = xp.astype(a, xp.uint64) * xp.asarray(multiplier, dtype=xp.uint64)
-        hi = xp.astype(xp.bitwise_right_shift(wide, xp.asarray(32, dtype=xp.uint64)), xp.uint32)
-        lo = xp.astype(xp.bitwise_and(wide, xp.asarray(MASK32, dtype=xp.uint64)), xp.uint32)
+        hi = xp.astype(
+            xp.bitwise_right_shift(wide, xp.asarray(32, dtype=xp.uint64)), xp.uint32
+        )
+        lo = xp.astype(
+            xp.bitwise_and(wide, xp.asarray(MASK32, dtype=xp.uint64)), xp.uint32
+        )
         return hi, lo
 
     def xor(self, a: Array, b: Array) -> Array:
@@ -194,7 +201,7 @@ class WordOps:
         return w
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _word_ops_cached(xp: Namespace) -> WordOps:
     return WordOps(xp)
 
@@ -223,9 +230,16 @@ class _TensorFlowNamespace:
 
         self.tf = tf
         for name in (
-            "bool", "float16", "bfloat16", "float32", "float64",
-            "int32", "int64", "uint32", "uint64",
-        ):  # fmt: skip
+            "bool",
+            "float16",
+            "bfloat16",
+            "float32",
+            "float64",
+            "int32",
+            "int64",
+            "uint32",
+            "uint64",
+        ):
             setattr(self, name, getattr(tf, name))
 
     def __getattr__(self, name: str) -> Any:
@@ -236,7 +250,9 @@ class _TensorFlowNamespace:
             return other
         return self.tf.constant(other, dtype=x.dtype)
 
-    def asarray(self, x: Any, dtype: Any = None, device: Any = None, copy: Any = None) -> Any:
+    def asarray(
+        self, x: Any, dtype: Any = None, device: Any = None, copy: Any = None
+    ) -> Any:
         tf = self.tf
         if isinstance(x, tf.Tensor | tf.Variable):
             return x if dtype is None or x.dtype == dtype else tf.cast(x, dtype)
@@ -257,8 +273,14 @@ class _TensorFlowNamespace:
     def bitwise_left_shift(self, a: Any, b: Any) -> Any:
         return self.tf.bitwise.left_shift(a, self._like(a, b))
 
-    def arange(self, start: int, stop: int | None = None, step: int = 1, dtype: Any = None,
-               device: Any = None) -> Any:  # fmt: skip
+    def arange(
+        self,
+        start: int,
+        stop: int | None = None,
+        step: int = 1,
+        dtype: Any = None,
+        device: Any = None,
+    ) -> Any:
         return self.tf.range(start, stop, step, dtype=dtype or self.tf.int64)
 
     def zeros(self, shape: Any, dtype: Any = None, device: Any = None) -> Any:
@@ -288,7 +310,9 @@ class _TensorFlowNamespace:
     def mean(self, x: Any, axis: Any = None, keepdims: bool = False) -> Any:
         return self.tf.reduce_mean(x, axis=axis, keepdims=keepdims)
 
-    def sum(self, x: Any, axis: Any = None, keepdims: bool = False, dtype: Any = None) -> Any:
+    def sum(
+        self, x: Any, axis: Any = None, keepdims: bool = False, dtype: Any = None
+    ) -> Any:
         return self.tf.reduce_sum(x, axis=axis, keepdims=keepdims)
 
     def max(self, x: Any, axis: Any = None, keepdims: bool = False) -> Any:

@@ -25,9 +25,14 @@ def accumulator_shape(plan: CompressionPlan) -> tuple[int, ...]:
 
 
 def accumulate(
-    acc: Array, grad: Array, cycle: Array | int, *, plan: CompressionPlan, xp: Namespace,
+    acc: Array,
+    grad: Array,
+    cycle: Array | int,
+    *,
+    plan: CompressionPlan,
+    xp: Namespace,
     device: Any = None,
-) -> Array:  # fmt: skip
+) -> Array:
     """``acc + compress(grad, A_cycle)`` for one micro-batch gradient (float32)."""
     grad = xp.astype(grad, xp.float32)
     if plan.compressed:
@@ -37,10 +42,19 @@ def accumulate(
 
 
 def accumulated_gradient(
-    acc: Array, cycle: Array | int, steps: int, *, plan: CompressionPlan, xp: Namespace,
+    acc: Array,
+    cycle: Array | int,
+    steps: Array | int,
+    *,
+    plan: CompressionPlan,
+    xp: Namespace,
     device: Any = None,
-) -> Array:  # fmt: skip
-    """The mean gradient of the cycle, ``decompress(acc, A_cycle) / τ``, parameter-shaped."""
+) -> Array:
+    """The mean gradient of the cycle, ``decompress(acc, A_cycle) / τ``, parameter-shaped.
+
+    ``steps`` (τ) may be an integer array (traced: a schedule of τ under jit).
+    """
     a = projection(plan, cycle, ROLE_ACCUMULATION, xp=xp, device=device)
-    full = decompress(acc, a, plan.axis, xp=xp) / float(steps)  # type: ignore[arg-type]
+    tau = xp.astype(steps, xp.float32) if hasattr(steps, "dtype") else float(steps)
+    full = decompress(acc, a, plan.axis, xp=xp) / tau  # type: ignore[arg-type]
     return xp.reshape(full, plan.shape)

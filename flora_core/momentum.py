@@ -28,9 +28,14 @@ def resample_index(count: Array | int, kappa: int) -> Array | int:
 
 
 def _transferred(
-    mu: Array, count: Array | int, kappa: int, a_new: Any, plan: CompressionPlan,
-    xp: Namespace, device: Any,
-) -> Array:  # fmt: skip
+    mu: Array,
+    count: Array | int,
+    kappa: int,
+    a_new: Any,
+    plan: CompressionPlan,
+    xp: Namespace,
+    device: Any,
+) -> Array:
     """``mu`` moved onto ``a_new`` when ``count`` starts a new resample interval."""
     if a_new is None:
         return mu
@@ -73,7 +78,9 @@ def momentum_update(
         ``(new_mu, direction)``: the new moment and its decompressed value (same
         shape as ``update``).
     """
-    a = projection(plan, resample_index(count, kappa), ROLE_MOMENTUM, xp=xp, device=device)
+    a = projection(
+        plan, resample_index(count, kappa), ROLE_MOMENTUM, xp=xp, device=device
+    )
     mu = _transferred(mu, count, kappa, a, plan, xp, device)
     new_mu = beta * mu + (1.0 - beta) * compress(update, a, plan.axis, xp=xp)  # type: ignore[arg-type]
     return new_mu, decompress(new_mu, a, plan.axis, xp=xp)  # type: ignore[arg-type]

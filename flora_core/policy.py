@@ -37,7 +37,9 @@ def check_rank(rank: object) -> RankSpec:
     if rank is None or rank == "auto":
         return rank  # type: ignore[return-value]
     if isinstance(rank, bool) or not isinstance(rank, int):
-        raise TypeError(f"Invalid rank: {rank!r} (expected an int >= 1, 'auto' or None)")
+        raise TypeError(
+            f"Invalid rank: {rank!r} (expected an int >= 1, 'auto' or None)"
+        )
     if rank < 1:
         raise ValueError(f"Invalid rank: {rank} (expected an int >= 1, 'auto' or None)")
     return rank
@@ -126,7 +128,11 @@ class CompressionPlan:
 
 
 def should_compress(
-    shape: tuple[int, ...], rank: RankSpec, *, axis: int | None = None, exclude: bool = False
+    shape: tuple[int, ...],
+    rank: RankSpec,
+    *,
+    axis: int | None = None,
+    exclude: bool = False,
 ) -> bool:
     """Whether a parameter of ``shape`` gets compressed states (see module docstring)."""
     return _resolve(shape, rank, axis, exclude) is not None
@@ -174,7 +180,9 @@ def plan(
     if isinstance(param_index, bool) or not isinstance(param_index, int):
         raise TypeError(f"Invalid param_index: {param_index!r}")
     if not 0 <= param_index <= MAX_PARAM_INDEX:
-        raise ValueError(f"Invalid param_index: {param_index} (expected 0..{MAX_PARAM_INDEX})")
+        raise ValueError(
+            f"Invalid param_index: {param_index} (expected 0..{MAX_PARAM_INDEX})"
+        )
     shape = tuple(int(s) for s in shape)
     resolved = _resolve(shape, rank, axis, exclude)
     r, ax = (None, None) if resolved is None else resolved

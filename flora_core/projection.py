@@ -47,7 +47,15 @@ def projection(
     start, stop = (0, plan.dim) if cols is None else cols
     shape = (plan.rank, stop - start)
     draw = rng.gaussian if plan.distribution == "gaussian" else rng.rademacher
-    z = draw(plan.seed, index, plan.stream(role), shape, xp=xp, offset=(0, start), device=device)
+    z = draw(
+        plan.seed,
+        index,
+        plan.stream(role),
+        shape,
+        xp=xp,
+        offset=(0, start),
+        device=device,
+    )
     # NOTE [projection scale]: multiply by float32(1/sqrt(r)), a single exactly-rounded
     # op that no compiler rewrites, so A itself is bit-identical on every backend.
     return z * float(1.0 / math.sqrt(plan.rank))
@@ -71,7 +79,9 @@ def decompress(c: Array, a: Projection, axis: int, *, xp: Namespace) -> Array:
     return xp.matmul(xp.matrix_transpose(a), c)
 
 
-def transfer(c: Array, a_old: Projection, a_new: Projection, axis: int, *, xp: Namespace) -> Array:
+def transfer(
+    c: Array, a_old: Projection, a_new: Projection, axis: int, *, xp: Namespace
+) -> Array:
     """Move a compressed state from ``a_old`` to ``a_new`` in ``r x r`` space.
 
     NOTE [momentum transfer]: old projection up, new projection down; the ``r x r``

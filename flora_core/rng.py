@@ -38,7 +38,9 @@ PHILOX_M2 = 0xCD9E8D57
 PHILOX_W0 = 0x9E3779B9
 PHILOX_W1 = 0xBB67AE85
 PHILOX_ROUNDS = 10
-GAUSSIAN_TABLE_SHA256 = "1cfbba1e07e34386a57626f82aeb43e6ed54ba70a3ea6b7d964dc66a841074a8"
+GAUSSIAN_TABLE_SHA256 = (
+    "1cfbba1e07e34386a57626f82aeb43e6ed54ba70a3ea6b7d964dc66a841074a8"
+)
 UINT64_MAX = 2**64 - 1
 
 
@@ -77,7 +79,11 @@ def _philox_words(
 
 
 def philox4x32(
-    counter: Sequence[Array | int], key: Sequence[int], *, xp: Namespace, device: Any = None
+    counter: Sequence[Array | int],
+    key: Sequence[int],
+    *,
+    xp: Namespace,
+    device: Any = None,
 ) -> tuple[Array, Array, Array, Array]:
     """Philox4x32-10 of Random123, elementwise over broadcastable counter words.
 
@@ -91,7 +97,9 @@ def philox4x32(
         The four output words as uint32 arrays of the broadcast shape.
     """
     if len(counter) != 4 or len(key) != 2:
-        raise ValueError(f"philox4x32 takes 4 counter words and 2 key words, got {counter}, {key}")
+        raise ValueError(
+            f"philox4x32 takes 4 counter words and 2 key words, got {counter}, {key}"
+        )
     for k in key:
         _check_word("key word", k)
     ops = _xp.word_ops(xp)
@@ -129,8 +137,12 @@ def _block_words(
     group0, group1 = col0 >> 2, (col0 + cols + 3) >> 2
     ngroups = group1 - group0
     grid = (rows, ngroups)
-    x0 = xp.broadcast_to(xp.reshape(ops.arange(group0, group1, device), (1, ngroups)), grid)
-    x1 = xp.broadcast_to(xp.reshape(ops.arange(row0, row0 + rows, device), (rows, 1)), grid)
+    x0 = xp.broadcast_to(
+        xp.reshape(ops.arange(group0, group1, device), (1, ngroups)), grid
+    )
+    x1 = xp.broadcast_to(
+        xp.reshape(ops.arange(row0, row0 + rows, device), (rows, 1)), grid
+    )
     x2 = xp.broadcast_to(ops.from_any(step, device), grid)
     x3 = xp.broadcast_to(ops.from_any(stream, device), grid)
     out = _philox_words([x0, x1, x2, x3], seed & MASK32, seed >> 32, ops, device)
@@ -230,7 +242,9 @@ def gaussian_table() -> np.ndarray:
     Box-Muller would differ by ulps between numpy, torch, XLA and TensorFlow.
     """
     inv_cdf = statistics.NormalDist().inv_cdf
-    table = np.array([inv_cdf((i + 0.5) / 65536) for i in range(65536)], dtype=np.float32)
+    table = np.array(
+        [inv_cdf((i + 0.5) / 65536) for i in range(65536)], dtype=np.float32
+    )
     digest = hashlib.sha256(table.astype("<f4").tobytes()).hexdigest()
     if digest != GAUSSIAN_TABLE_SHA256:  # pragma: no cover - a broken libm
         raise RuntimeError(f"gaussian table hash mismatch: {digest}")
@@ -249,8 +263,11 @@ def _table_in(xp: Namespace, device: Any) -> Array:
     table = _TABLES.get(key)
     if table is None:
         host = np.array(gaussian_table())
-        if backend == "jax":
-            table = xp.asarray(host)
+        if backend == "jax":  # concrete even when first reached inside jax.jit
+            import jax
+
+            with jax.ensure_compile_time_eval():
+                table = xp.asarray(host)
         else:
             table = xp.asarray(host, device=device)
         _TABLES[key] = table

@@ -106,9 +106,15 @@ def _as_float(count: Array | int, offset: int, xp: Namespace) -> Array | float:
 
 
 def _ema_momentum(
-    mu: Array, u: Array, count: Array | int, beta: float, kappa: int,
-    plan: CompressionPlan, xp: Namespace, device: Any,
-) -> tuple[Array, Array]:  # fmt: skip
+    mu: Array,
+    u: Array,
+    count: Array | int,
+    beta: float,
+    kappa: int,
+    plan: CompressionPlan,
+    xp: Namespace,
+    device: Any,
+) -> tuple[Array, Array]:
     """Compressed (or, uncompressed, exact) EMA of ``u``; returns (mu, direction)."""
     view = xp.reshape(u, plan.matrix_shape) if plan.compressed else u
     mu, direction = momentum_update(
@@ -164,7 +170,9 @@ def flora_adam(
     check_gradient(grad, xp=xp)
     g = xp.astype(grad, xp.float32)
     count = state["count"]
-    mu, direction = _ema_momentum(state["mu"], g, count, config.b1, config.kappa, plan, xp, device)
+    mu, direction = _ema_momentum(
+        state["mu"], g, count, config.b1, config.kappa, plan, xp, device
+    )
     new_state: State = {"count": count + 1, "mu": mu}
     b2 = config.b2
     if adam_factored(plan, config):
@@ -172,13 +180,17 @@ def flora_adam(
         nu_row = b2 * state["nu_row"] + (1.0 - b2) * xp.mean(sq, axis=1)
         nu_col = b2 * state["nu_col"] + (1.0 - b2) * xp.mean(sq, axis=0)
         new_state.update(nu_row=nu_row, nu_col=nu_col)
-        outer = xp.reshape(nu_row, (-1, 1)) * xp.reshape(nu_col, (1, -1)) / xp.mean(nu_row)
+        outer = (
+            xp.reshape(nu_row, (-1, 1)) * xp.reshape(nu_col, (1, -1)) / xp.mean(nu_row)
+        )
         nu = xp.reshape(outer, plan.shape)
     else:
         nu = b2 * state["nu"] + (1.0 - b2) * (g * g)
         new_state["nu"] = nu
     t = _as_float(count, 1, xp)
-    step = (direction / (1.0 - config.b1**t)) / (xp.sqrt(nu / (1.0 - b2**t)) + config.eps)
+    step = (direction / (1.0 - config.b1**t)) / (
+        xp.sqrt(nu / (1.0 - b2**t)) + config.eps
+    )
     if config.weight_decay:
         step = step + config.weight_decay * xp.astype(param, xp.float32)
     return -lr * step, new_state
@@ -223,9 +235,14 @@ def flora_adafactor_init(
 
 
 def _scale_by_factored_rms(
-    g: Array, state: State, new_state: State, decay: Any, dims: tuple[int, int] | None,
-    eps: float, xp: Namespace,
-) -> Array:  # fmt: skip
+    g: Array,
+    state: State,
+    new_state: State,
+    decay: Any,
+    dims: tuple[int, int] | None,
+    eps: float,
+    xp: Namespace,
+) -> Array:
     sq = g * g + eps
     if dims is None:
         nu = decay * state["nu"] + (1.0 - decay) * sq

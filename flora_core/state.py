@@ -30,7 +30,15 @@ from flora_core.rng import RNG_VERSION
 
 FORMAT_VERSION = 1
 ARRAY_FIELDS = ("count", "mu", "nu", "nu_row", "nu_col", "acc", "micro_step")
-METADATA_FIELDS = ("seed", "stream", "rank", "axis", "distribution", "rng_version", "shape")
+METADATA_FIELDS = (
+    "seed",
+    "stream",
+    "rank",
+    "axis",
+    "distribution",
+    "rng_version",
+    "shape",
+)
 
 
 def plan_metadata(plan: CompressionPlan) -> dict[str, np.ndarray]:
@@ -40,7 +48,9 @@ def plan_metadata(plan: CompressionPlan) -> dict[str, np.ndarray]:
         "stream": np.asarray(plan.base_stream, dtype=np.int64),
         "rank": np.asarray(-1 if plan.rank is None else plan.rank, dtype=np.int64),
         "axis": np.asarray(-1 if plan.axis is None else plan.axis, dtype=np.int64),
-        "distribution": np.asarray(DISTRIBUTIONS.index(plan.distribution), dtype=np.int64),
+        "distribution": np.asarray(
+            DISTRIBUTIONS.index(plan.distribution), dtype=np.int64
+        ),
         "rng_version": np.asarray(RNG_VERSION, dtype=np.int64),
         "shape": np.asarray(plan.shape, dtype=np.int64),
     }
@@ -62,8 +72,12 @@ def export_state(
             flat[prefix + name] = value
         for name, value in state.items():
             if name not in ARRAY_FIELDS:
-                raise ValueError(f"Unknown state field {name!r}; expected {ARRAY_FIELDS}")
-            flat[prefix + name] = np.asarray(_xp.to_numpy(value) if not isinstance(value, int) else value)
+                raise ValueError(
+                    f"Unknown state field {name!r}; expected {ARRAY_FIELDS}"
+                )
+            flat[prefix + name] = np.asarray(
+                _xp.to_numpy(value) if not isinstance(value, int) else value
+            )
     return flat
 
 
@@ -90,7 +104,9 @@ def import_state(
     for plan in plans:
         prefix = f"param.{plan.param_index}."
         if prefix + "rng_version" not in flat:
-            raise ValueError(f"The state has no parameter with index {plan.param_index}")
+            raise ValueError(
+                f"The state has no parameter with index {plan.param_index}"
+            )
         _check_metadata(flat, prefix, plan)
         states.append(
             {
@@ -102,9 +118,19 @@ def import_state(
     return states
 
 
-def _check_metadata(flat: Mapping[str, Any], prefix: str, plan: CompressionPlan) -> None:
+def _check_metadata(
+    flat: Mapping[str, Any], prefix: str, plan: CompressionPlan
+) -> None:
     expected = plan_metadata(plan)
-    for name in ("rng_version", "shape", "rank", "axis", "seed", "distribution", "stream"):
+    for name in (
+        "rng_version",
+        "shape",
+        "rank",
+        "axis",
+        "seed",
+        "distribution",
+        "stream",
+    ):
         got = np.asarray(flat[prefix + name])
         if got.shape != expected[name].shape or not np.array_equal(got, expected[name]):
             raise ValueError(
@@ -114,7 +140,11 @@ def _check_metadata(flat: Mapping[str, Any], prefix: str, plan: CompressionPlan)
 
 
 def _describe(name: str, value: np.ndarray) -> str:
-    if name == "distribution" and value.ndim == 0 and 0 <= int(value) < len(DISTRIBUTIONS):
+    if (
+        name == "distribution"
+        and value.ndim == 0
+        and 0 <= int(value) < len(DISTRIBUTIONS)
+    ):
         return repr(DISTRIBUTIONS[int(value)])
     if name == "shape":
         return str(tuple(int(v) for v in value))

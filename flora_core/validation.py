@@ -30,7 +30,7 @@ def check_lr(lr: Any) -> Any:
 
 
 def check_nonnegative(name: str, value: object) -> float:
-    if not _is_real_number(value) or not (value >= 0 and math.isfinite(value)):  # type: ignore[operator]
+    if not _is_real_number(value) or not (value >= 0 and math.isfinite(value)):  # type: ignore[operator, arg-type]
         raise ValueError(f"Invalid {name}: {value!r} (expected a finite float >= 0)")
     return float(value)  # type: ignore[arg-type]
 

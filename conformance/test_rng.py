@@ -166,3 +166,24 @@ def test_bad_counter_words_are_named(name, kwargs):
     args = {"seed": 0, "step": 0, "stream": 0, **kwargs}
     with pytest.raises(ValueError, match=name):
         rng.random_bits(args["seed"], args["step"], args["stream"], (1, 4), xp=np)
+
+
+@pytest.mark.parametrize("trial", range(4))
+def test_numpy_fast_path_equals_generic_path(trial):
+    import array_api_compat.numpy as xp
+
+    rs = np.random.default_rng(100 + trial)
+    rows, groups = int(rs.integers(1, 50)), int(rs.integers(1, 3000))
+    row0, group0 = int(rs.integers(0, 2**31)), int(rs.integers(0, 2**30))
+    seed, step, stream = int(rs.integers(0, 2**63)), int(rs.integers(0, 2**32)), 12
+    fast = rng._numpy_block_words(seed, step, stream, rows, row0, group0, groups)
+    generic = rng._generic_block_words(seed, step, stream, rows, row0, group0, groups, xp, None)
+    np.testing.assert_array_equal(fast, generic)
+
+
+def test_native_word_path_equals_numpy(backend):
+    """The backend's own integer path (CUDA and compiled code use it), bypassing any
+    host fast path."""
+    got = rng._generic_block_words(77, 5, 9, 13, 1000, 3, 11, backend.xp, None)
+    want = rng._numpy_block_words(77, 5, 9, 13, 1000, 3, 11)
+    np.testing.assert_array_equal(backend.to_numpy(got).astype(np.uint32), want)

@@ -133,24 +133,119 @@ def _block_words(
         raise ValueError(f"Invalid block: shape={shape}, offset={offset}")
     if row0 + rows > MASK32 + 1 or (col0 + cols) >> 2 > MASK32:
         raise ValueError(f"Block {shape} at {offset} exceeds the 2**32 counter range")
-    ops = _xp.word_ops(xp)
     group0, group1 = col0 >> 2, (col0 + cols + 3) >> 2
     ngroups = group1 - group0
+    if _xp.backend_name(xp) == "numpy" and (
+        isinstance(step, int) or np.ndim(step) == 0
+    ):
+        words = _numpy_block_words(
+            seed, int(step) & MASK32, stream, rows, row0, group0, ngroups
+        )
+    else:
+        words = _generic_block_words(
+            seed, step, stream, rows, row0, group0, ngroups, xp, device
+        )
+    start = col0 - 4 * group0
+    if start == 0 and cols == 4 * ngroups:
+        return words
+    return words[:, start : start + cols]
+
+
+def _generic_block_words(
+    seed: int,
+    step: Array | int,
+    stream: int,
+    rows: int,
+    row0: int,
+    group0: int,
+    ngroups: int,
+    xp: Namespace,
+    device: Any,
+) -> Array:
+    """Words of column groups ``group0..+ngroups`` of rows ``row0..+rows``, any backend."""
+    ops = _xp.word_ops(xp)
     grid = (rows, ngroups)
-    x0 = xp.broadcast_to(
-        xp.reshape(ops.arange(group0, group1, device), (1, ngroups)), grid
-    )
+    groups = xp.reshape(ops.arange(group0, group0 + ngroups, device), (1, ngroups))
+    x0 = xp.broadcast_to(groups, grid)
     x1 = xp.broadcast_to(
         xp.reshape(ops.arange(row0, row0 + rows, device), (rows, 1)), grid
     )
     x2 = xp.broadcast_to(ops.from_any(step, device), grid)
     x3 = xp.broadcast_to(ops.from_any(stream, device), grid)
     out = _philox_words([x0, x1, x2, x3], seed & MASK32, seed >> 32, ops, device)
-    words = xp.reshape(xp.stack(out, axis=-1), (rows, 4 * ngroups))
-    start = col0 - 4 * group0
-    if start == 0 and cols == 4 * ngroups:
-        return words
-    return words[:, start : start + cols]
+    return xp.reshape(xp.stack(out, axis=-1), (rows, 4 * ngroups))
+
+
+NUMPY_CHUNK = 8192  # counters per chunk: six uint64 buffers of 64 KiB stay in cache
+
+
+def _numpy_block_words(
+    seed: int, step: int, stream: int, rows: int, row0: int, group0: int, ngroups: int
+) -> np.ndarray:
+    """The same words as ``_generic_block_words`` on numpy, chunked and in place.
+
+    A performance path (about twice the generic speed): uint64 words throughout, so a
+    product needs no casts, and buffers reused per chunk. A test checks it against
+    the generic path bit for bit.
+    """
+    total = rows * ngroups
+    out = np.empty((total, 4), dtype=np.uint32)
+    m0, m2, mask, s32 = (np.uint64(v) for v in (PHILOX_M0, PHILOX_M2, MASK32, 32))
+    for start in range(0, total, NUMPY_CHUNK):
+        index = np.arange(start, min(start + NUMPY_CHUNK, total), dtype=np.uint64)
+        x0 = index % np.uint64(ngroups) + np.uint64(group0)
+        x1 = index // np.uint64(ngroups) + np.uint64(row0)
+        x2 = np.full_like(index, step)
+        x3 = np.full_like(index, stream)
+        p0, p2 = np.empty_like(index), np.empty_like(index)
+        k0, k1 = seed & MASK32, seed >> 32
+        for round_index in range(PHILOX_ROUNDS):
+            if round_index:
+                k0 = (k0 + PHILOX_W0) & MASK32
+                k1 = (k1 + PHILOX_W1) & MASK32
+            np.multiply(x0, m0, out=p0)
+            np.multiply(x2, m2, out=p2)
+            np.right_shift(p2, s32, out=x0)
+            x0 ^= x1
+            x0 ^= np.uint64(k0)
+            np.right_shift(p0, s32, out=x2)
+            x2 ^= x3
+            x2 ^= np.uint64(k1)
+            np.bitwise_and(p2, mask, out=x1)
+            np.bitwise_and(p0, mask, out=x3)
+        block = out[start : start + len(index)]
+        for j, x in enumerate((x0, x1, x2, x3)):
+            block[:, j] = x
+    return out.reshape(rows, 4 * ngroups)
+
+
+def _on_host_numpy(xp: Namespace, step: Array | int, device: Any) -> bool:
+    """Whether a torch call can take the numpy path (same bits, ~3x faster on CPU).
+
+    True for eager torch on the CPU with a host step; CUDA and ``torch.compile`` keep
+    the native torch path.
+    """
+    if _xp.backend_name(xp) != "torch":
+        return False
+    import torch
+
+    if torch.compiler.is_compiling():
+        return False
+    target = torch.device(device) if device is not None else torch.get_default_device()
+    if target.type != "cpu":
+        return False
+    return isinstance(step, int) or (
+        isinstance(step, torch.Tensor) and step.device.type == "cpu" and step.ndim == 0
+    )
+
+
+def _via_numpy(draw: Any, seed: int, step: Array | int, stream: int, shape: tuple[int, int],
+               offset: tuple[int, int]) -> Array:  # fmt: skip
+    import torch
+
+    return torch.from_numpy(
+        draw(seed, int(step) & MASK32, stream, shape, xp=np, offset=offset)
+    )
 
 
 def random_bits(
@@ -177,6 +272,8 @@ def random_bits(
     Returns:
         A uint32 array of ``shape`` (``torch.uint32`` on torch).
     """
+    if _on_host_numpy(xp, step, device):
+        return _via_numpy(random_bits, seed, step, stream, shape, offset)
     words = _block_words(seed, step, stream, shape, offset, xp, device)
     return _xp.word_ops(xp).to_uint32(words)
 
@@ -192,6 +289,8 @@ def uniform(
     device: Any = None,
 ) -> Array:
     """float32 in (0, 1): ``float32((w >> 8) | 1) * 2**-24``."""
+    if _on_host_numpy(xp, step, device):
+        return _via_numpy(uniform, seed, step, stream, shape, offset)
     ops = _xp.word_ops(xp)
     words = _block_words(seed, step, stream, shape, offset, xp, device)
     mantissa = xp.bitwise_or(ops.shift_right(words, 8), ops.const(1, device))
@@ -209,6 +308,8 @@ def rademacher(
     device: Any = None,
 ) -> Array:
     """float32 signs: ``1 - 2 * (w >> 31)``."""
+    if _on_host_numpy(xp, step, device):
+        return _via_numpy(rademacher, seed, step, stream, shape, offset)
     ops = _xp.word_ops(xp)
     words = _block_words(seed, step, stream, shape, offset, xp, device)
     return 1.0 - 2.0 * xp.astype(ops.shift_right(words, 31), xp.float32)
@@ -225,6 +326,8 @@ def gaussian(
     device: Any = None,
 ) -> Array:
     """float32 standard normals by table lookup: ``T[w >> 16]`` (see ``gaussian_table``)."""
+    if _on_host_numpy(xp, step, device):
+        return _via_numpy(gaussian, seed, step, stream, shape, offset)
     ops = _xp.word_ops(xp)
     words = _block_words(seed, step, stream, shape, offset, xp, device)
     rows, cols = (int(s) for s in shape)

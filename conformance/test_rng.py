@@ -177,7 +177,9 @@ def test_numpy_fast_path_equals_generic_path(trial):
     row0, group0 = int(rs.integers(0, 2**31)), int(rs.integers(0, 2**30))
     seed, step, stream = int(rs.integers(0, 2**63)), int(rs.integers(0, 2**32)), 12
     fast = rng._numpy_block_words(seed, step, stream, rows, row0, group0, groups)
-    generic = rng._generic_block_words(seed, step, stream, rows, row0, group0, groups, xp, None)
+    generic = rng._generic_block_words(
+        seed, step, stream, rows, row0, group0, groups, xp, None
+    )
     np.testing.assert_array_equal(fast, generic)
 
 

@@ -16,6 +16,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ from flora_core.validation import (
 
 State = dict[str, Any]
 FACTORED_EPS = 1e-30
+SECOND_MOMENTS = ("projected", "gradient")
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,14 @@ class AdamConfig:
     weight_decay: float = 0.0
     kappa: int = 1000
     factored: bool = False
+    second_moment: str = "projected"
 
     def __post_init__(self) -> None:
+        if self.second_moment not in SECOND_MOMENTS:
+            raise ValueError(
+                f"Invalid second_moment: {self.second_moment!r} (expected one of "
+                f"{SECOND_MOMENTS})"
+            )
         check_beta("b1", self.b1)
         check_beta("b2", self.b2)
         check_nonnegative("eps", self.eps)
@@ -114,13 +122,27 @@ def _ema_momentum(
     plan: CompressionPlan,
     xp: Namespace,
     device: Any,
-) -> tuple[Array, Array]:
-    """Compressed (or, uncompressed, exact) EMA of ``u``; returns (mu, direction)."""
+    with_projected: bool = False,
+) -> tuple[Array, ...]:
+    """Compressed (or, uncompressed, exact) EMA of ``u``: (mu, direction[, projected])."""
     view = xp.reshape(u, plan.matrix_shape) if plan.compressed else u
-    mu, direction = momentum_update(
-        mu, view, count, beta=beta, kappa=kappa, plan=plan, xp=xp, device=device
-    )
-    return mu, xp.reshape(direction, plan.shape)
+    mu, *rest = momentum_update(
+        mu, view, count, beta=beta, kappa=kappa, plan=plan, xp=xp, device=device,
+        with_projected=with_projected,
+    )  # fmt: skip
+    return (mu, *(xp.reshape(r, plan.shape) for r in rest))
+
+
+def _one_minus_pow(b: float, t: Array | float, xp: Namespace) -> Array | float:
+    """``1 - b**t``, the bias correction, accurate also for a traced float32 ``t``.
+
+    NOTE [bias correction]: in float32, ``1 - 0.999**t`` cancels to ~1e-5 relative
+    error at small ``t``; ``-expm1(t * log b)`` keeps it at ~1e-7, so traced adapters
+    follow the eager (float64) path closely.
+    """
+    if isinstance(t, float) or b == 0.0:
+        return 1.0 - b**t
+    return -xp.expm1(t * math.log(b))
 
 
 # --------------------------------------------------------------------------------------
@@ -162,17 +184,30 @@ def flora_adam(
 ) -> tuple[Array, State]:
     """FloraAdam: AdamW whose first moment is FLORA's compressed momentum.
 
-    ``m = decompress(M)`` (Algorithm 2 with β1), ``v = β2 v + (1-β2) g²`` (or its
+    ``m = decompress(M)`` (Algorithm 2 with β1), ``v = β2 v + (1-β2) ĝ²`` (or its
     Adafactor factorisation), and
-    ``update = -lr * (m / (1-β1^t) / (sqrt(v / (1-β2^t)) + eps) + wd * param)``.
+    ``update = -lr * (m / (1-β1^t) / (sqrt(v / (1-β2^t)) + eps) + wd * param)``,
+    where ``ĝ = decompress(compress(g))`` with ``second_moment="projected"`` (the
+    default) and ``ĝ = g`` with ``"gradient"``.
+
+    NOTE [projected second moment]: within a resample interval ``m`` is exactly the
+    EMA of the projected gradients ``ĝ``, so normalising by the second moment of
+    ``ĝ`` makes FloraAdam Adam on the ``ĝ`` stream: ``|m / sqrt(v)|`` stays O(1).
+    Normalising by raw ``g²`` instead divides projection noise (of order
+    ``|g_row| / sqrt(r)`` per element) by ``|g_ij|``, which is unbounded where a
+    gradient element is small; on the demo GPT it diverged at AdamW's learning rate.
+    In identity mode both equal AdamW.
     """
     xp = xp or namespace(grad)
     check_gradient(grad, xp=xp)
     g = xp.astype(grad, xp.float32)
     count = state["count"]
-    mu, direction = _ema_momentum(
-        state["mu"], g, count, config.b1, config.kappa, plan, xp, device
+    projected = config.second_moment == "projected"
+    mu, direction, *rest = _ema_momentum(
+        state["mu"], g, count, config.b1, config.kappa, plan, xp, device, projected
     )
+    if projected:
+        g = rest[0]
     new_state: State = {"count": count + 1, "mu": mu}
     b2 = config.b2
     if adam_factored(plan, config):
@@ -188,8 +223,8 @@ def flora_adam(
         nu = b2 * state["nu"] + (1.0 - b2) * (g * g)
         new_state["nu"] = nu
     t = _as_float(count, 1, xp)
-    step = (direction / (1.0 - config.b1**t)) / (
-        xp.sqrt(nu / (1.0 - b2**t)) + config.eps
+    step = (direction / _one_minus_pow(config.b1, t, xp)) / (
+        xp.sqrt(nu / _one_minus_pow(b2, t, xp)) + config.eps
     )
     if config.weight_decay:
         step = step + config.weight_decay * xp.astype(param, xp.float32)

@@ -109,7 +109,9 @@ def ungroup(g: Array, *, xp: Namespace | None = None) -> Array:
 
 def _check_v(v: Array, group_size: int, xp: Namespace) -> Array:
     """``v`` as a flat vector of M entries."""
-    size = int(np.prod(tuple(v.shape)))
+    size = 1
+    for d in tuple(v.shape):
+        size *= int(d)
     if size != group_size:
         raise ValueError(
             f"v has {size} entries (shape {tuple(v.shape)}) but group_size M="

@@ -131,6 +131,14 @@ def conformance(session: nox.Session) -> None:
 
 
 @nox.session
+def gpu_kernels(session: nox.Session) -> None:
+    """The Triton kernels (in Triton's CPU interpreter when there is no GPU) and the
+    CuPy kernel source (compiled for the host by g++)."""
+    _install(session, TORCH, "triton")
+    _pytest(session, "torch", "tests/gpu")
+
+
+@nox.session
 def cupy(session: nox.Session) -> None:
     """The core on CuPy; only where an NVIDIA GPU is present."""
     if not HAS_GPU:

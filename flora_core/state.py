@@ -149,3 +149,28 @@ def _describe(name: str, value: np.ndarray) -> str:
     if name == "shape":
         return str(tuple(int(v) for v in value))
     return str(value.tolist())
+
+
+def save_state(flat: Mapping[str, Any], path: str) -> None:
+    """Write the portable form to ``path``: ``.safetensors`` or ``.npz``."""
+    arrays = {k: np.array(v, order="C") for k, v in flat.items()}  # keeps 0-d as 0-d
+    if str(path).endswith(".safetensors"):
+        from safetensors.numpy import save_file
+
+        save_file(arrays, str(path))
+    elif str(path).endswith(".npz"):
+        np.savez(path, **arrays)  # type: ignore[arg-type]
+    else:
+        raise ValueError(f"Unknown state file type {path!r}; use .npz or .safetensors")
+
+
+def load_state(path: str) -> dict[str, np.ndarray]:
+    """Read the portable form written by :func:`save_state`."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        return dict(load_file(str(path)))
+    if str(path).endswith(".npz"):
+        with np.load(path) as data:
+            return dict(data)
+    raise ValueError(f"Unknown state file type {path!r}; use .npz or .safetensors")

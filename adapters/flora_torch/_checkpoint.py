@@ -1,0 +1,187 @@
+"""Checkpoints: torch ``state_dict`` loading, the portable npz form, DDP accumulators.
+
+``Optimizer.state_dict()`` already holds what the schema asks for (tensors and ints,
+portable field names, plan metadata); this mixin makes loading strict and
+dtype-preserving, and moves state to and from ``flora_core.state``.
+
+NOTE [float32 state on load]: ``torch.optim.Optimizer.load_state_dict`` casts every
+floating state tensor to its parameter's dtype. A bfloat16 parameter would then get
+bfloat16 moments and lose the resume bits, so every tensor is re-copied from the
+given state dict as float32 after the base class has loaded it.
+"""
+
+from __future__ import annotations
+
+from itertools import chain
+from typing import Any
+
+import numpy as np
+import torch
+
+from flora_core import accumulation
+from flora_core import state as portable
+from flora_core._xp import namespace_for
+from flora_core.state import plan_metadata
+
+XP = namespace_for("torch")
+ACCUMULATION_FIELDS = ("acc", "micro_step")
+
+
+def metadata(plan: Any) -> dict[str, int]:
+    """The plan metadata of the schema as Python ints (``shape`` is the param's)."""
+    return {k: int(v) for k, v in plan_metadata(plan).items() if k != "shape"}
+
+
+class CheckpointMixin:
+    """``load_state_dict``, ``export_state``, ``import_state``, ``all_reduce_accumulators``."""
+
+    def _fields_check(
+        self, p: torch.Tensor, arrays: dict[str, Any], config: Any
+    ) -> None:
+        """Raise unless ``arrays`` holds exactly the rule's fields, in its shapes."""
+        plan = self._plans[p]
+        expected = self._init(plan, config, xp=XP, device=torch.device("meta"))
+        expected.pop("count")
+        if self.accumulation_steps > 1:
+            expected["acc"] = torch.empty(
+                accumulation.accumulator_shape(plan), device="meta"
+            )
+        where = f"Parameter {plan.param_index} (shape {plan.shape})"
+        for name, want in expected.items():
+            if name == "acc" and name not in arrays:
+                continue  # a state saved without accumulation starts a fresh cycle
+            if name not in arrays:
+                raise ValueError(f"{where}: the state has no {name!r} field")
+            got = tuple(arrays[name].shape)
+            if got != tuple(want.shape):
+                raise ValueError(
+                    f"{where}: {name} has shape {got}, expected {tuple(want.shape)}"
+                )
+        rule_fields = set(portable.ARRAY_FIELDS) - {"count", *ACCUMULATION_FIELDS}
+        extra = sorted(rule_fields & set(arrays) - set(expected))
+        if extra:
+            raise ValueError(
+                f"{where}: unexpected state fields {extra} for {type(self).__name__}"
+            )
+        pending = int(arrays.get("micro_step", 0))
+        if self.accumulation_steps == 1 and pending:
+            raise ValueError(
+                f"{where}: the state holds {pending} accumulated micro-batches but this "
+                "optimizer has accumulation_steps=1"
+            )
+
+    def _installed(self, p: torch.Tensor, arrays: dict[str, Any]) -> dict[str, Any]:
+        """A live state for ``p``: float32 tensors on its device, ints, metadata."""
+        state: dict[str, Any] = {"count": int(arrays["count"])}
+        for name, value in arrays.items():
+            if name in ("count", "micro_step") or name not in portable.ARRAY_FIELDS:
+                continue
+            if name == "acc" and self.accumulation_steps == 1:
+                continue
+            tensor = (
+                torch.as_tensor(np.asarray(value))
+                if not torch.is_tensor(value)
+                else value
+            )
+            state[name] = tensor.to(device=p.device, dtype=torch.float32, copy=True)
+        if self.accumulation_steps > 1:
+            plan = self._plans[p]
+            if "acc" not in state:
+                shape = accumulation.accumulator_shape(plan)
+                state["acc"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+            state["micro_step"] = int(arrays.get("micro_step", 0))
+        state.update(metadata(self._plans[p]))
+        return state
+
+    def _ordered(self) -> list[tuple[torch.Tensor, Any]]:
+        return [(p, self._config(g)) for g in self.param_groups for p in g["params"]]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict; checks plans and metadata, keeps the state float32."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                "loaded state dict has a different number of parameter groups"
+            )
+        for index, group in enumerate(saved_groups):
+            for key, value in self._plan_args[index].items():
+                if key in group and group[key] != value:
+                    raise ValueError(
+                        f"Cannot load: param group {index} was saved with {key}="
+                        f"{group[key]!r}, this optimizer has {key}={value!r}"
+                    )
+        saved_ids = list(chain.from_iterable(g["params"] for g in saved_groups))
+        ordered = self._ordered()
+        if len(saved_ids) != len(ordered):
+            raise ValueError(
+                f"loaded state dict has {len(saved_ids)} parameters, the optimizer "
+                f"{len(ordered)}"
+            )
+        saved_states = state_dict["state"]
+        for pid, (p, config) in zip(saved_ids, ordered, strict=True):
+            if pid in saved_states:
+                _check_metadata(self._plans[p], saved_states[pid])
+                self._fields_check(p, saved_states[pid], config)
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+        for pid, (p, _) in zip(saved_ids, ordered, strict=True):
+            if pid in saved_states:  # NOTE [float32 state on load]
+                self.state[p] = self._installed(p, saved_states[pid])
+
+    def export_state(self) -> dict[str, np.ndarray]:
+        """The state in the portable form of ``flora_core.state`` (npz / safetensors).
+
+        Every parameter is included; one not updated yet gets its zero state.
+        """
+        plans, states = [], []
+        for p, config in self._ordered():
+            state = self.state.get(p)
+            if not state:
+                state = self._init(self._plans[p], config, xp=XP, device="cpu")
+                state["count"] = 0
+            plans.append(self._plans[p])
+            states.append(
+                {k: v for k, v in state.items() if k in portable.ARRAY_FIELDS}
+            )
+        return portable.export_state(plans, states)
+
+    def import_state(self, flat: dict[str, Any]) -> None:
+        """Load the portable form written by any Flora adapter (checks metadata)."""
+        ordered = self._ordered()
+        arrays = portable.import_state(flat, [self._plans[p] for p, _ in ordered])
+        for (p, config), fields in zip(ordered, arrays, strict=True):
+            self._fields_check(p, fields, config)
+        for (p, _), fields in zip(ordered, arrays, strict=True):
+            self.state[p] = self._installed(p, fields)
+
+    def all_reduce_accumulators(self, group: Any = None) -> None:
+        """Average the compressed accumulators over the ranks of ``group``.
+
+        DDP with τ > 1: run the τ backward passes under ``model.no_sync()`` (DDP's
+        own all-reduce would read gradients the hooks already freed), then call
+        this before ``step()``. It moves ``r/d`` of the gradient traffic; every rank
+        must run the same number of micro-batches.
+        """
+        if self.accumulation_steps == 1:
+            raise RuntimeError("all_reduce_accumulators() needs accumulation_steps > 1")
+        import torch.distributed as dist
+
+        world = dist.get_world_size(group)
+        for p, config in self._ordered():
+            if p.requires_grad:
+                acc = self._state(p, config)["acc"]
+                dist.all_reduce(acc, op=dist.ReduceOp.SUM, group=group)
+                acc.div_(world)
+
+
+def _check_metadata(plan: Any, saved: dict[str, Any]) -> None:
+    for key, value in metadata(plan).items():
+        if key not in saved:
+            raise ValueError(
+                f"Parameter {plan.param_index}: the saved state has no {key!r} "
+                "(not a Flora optimizer state?)"
+            )
+        if int(saved[key]) != value:
+            raise ValueError(
+                f"Parameter {plan.param_index}: saved {key} {int(saved[key])} != "
+                f"optimizer's {value}"
+            )

@@ -1,0 +1,53 @@
+"""Hyper-parameter documentation written once and interpolated into each optimizer."""
+
+from __future__ import annotations
+
+FLORA_ARGS = """\
+        rank: ``"auto"`` (default: ``r = min(256, d // 4)`` for a compressed axis of
+            size ``d >= 32``), an int ``r`` (compress when ``d > r``) or None (never
+            compress: the group gets the exact base optimizer). 0-D and 1-D
+            parameters are never compressed. Decided by ``flora_core.policy.plan``.
+        kappa: resample the momentum projection every ``kappa`` updates (κ), moving
+            the compressed moment onto the new projection in ``r x r`` space.
+        seed: uint64 seed of the projections. The RNG stream of a parameter is its
+            position among all parameters given to the optimizer (param_groups
+            order, groups added later continue the count), so two optimizers given
+            the same parameters in the same order draw the same projections on
+            every framework and device, and DDP ranks agree without communication.
+        projection: ``"gaussian"`` (default), ``"rademacher"`` or ``"identity"``
+            (no compression: a testing mode equal to the base optimizer).
+        axis: force the compressed axis (0 or 1 of the ``(shape[0], prod(rest))``
+            view); None compresses the smaller one.
+        accumulation_steps: τ. With τ > 1 each micro-batch gradient is compressed
+            inside backward (a post-accumulate-grad hook) into the ``acc`` state and
+            freed at once, so no full-size gradient survives between micro-batches;
+            ``step()`` then applies the mean ``decompress(acc) / n`` of the ``n``
+            micro-batches seen (``n <= τ``: a short last cycle, as HF ``Trainer``
+            makes at the end of an epoch, uses the ones it has; a (τ+1)-th backward
+            without ``step()`` raises). Do not divide the loss by τ yourself.
+        layerwise: apply each parameter's update inside backward as soon as its
+            gradient is ready and free the gradient at once (LOMO-style; with τ > 1,
+            on the τ-th micro-batch). ``step()`` then only applies what no hook did
+            (a short last cycle, a gradient set by hand). Not
+            possible in this mode (a clear error where it can be detected): global
+            gradient clipping (no full gradient ever exists; ``clip_grad_norm_``
+            would see none), ``torch.amp.GradScaler`` (the update precedes
+            unscaling), a ``closure``, and DDP (updates precede the all-reduce).
+
+    Parameters may be float32, float64, bfloat16 or float16; the optimizer state is
+    always float32 (``load_state_dict`` keeps it float32 rather than casting it to
+    the parameter dtype as torch does), the update is computed in float32 and a low
+    precision parameter is rounded once: ``p <- dtype(float32(p) + update)``.
+    Parameters frozen at construction (``requires_grad=False``) get their plan (and
+    stream) at once and their state at their first gradient, so unfreezing later
+    works. Sparse gradients and complex parameters raise."""
+
+STATE_DOC = """\
+    State: ``state_dict()`` holds tensors and ints only (``torch.load(...,
+    weights_only=True)`` reads it) and uses the portable schema names per
+    parameter: ``count``, ``mu``, ``nu`` or ``nu_row``/``nu_col``, with τ > 1
+    ``acc`` and ``micro_step``, and the metadata that regenerates every projection
+    (``seed``, ``stream``, ``rank``, ``axis``, ``distribution`` coded as its index in
+    ``flora_core.policy.DISTRIBUTIONS``, ``rng_version``). ``export_state()`` /
+    ``import_state()`` move it to and from the framework-free npz form of
+    ``flora_core.state`` (Optax, Keras)."""

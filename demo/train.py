@@ -79,15 +79,15 @@ def parse(argv=None) -> argparse.Namespace:
         help="FLORA rank (default: the library's rank='auto': width // 4)",
     )
     p.add_argument("--kappa", type=int, default=100, help="resampling interval")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=400)
     p.add_argument(
         "--data", default=None, help="a UTF-8 text file (default: generated)"
     )
     p.add_argument("--width", type=int, default=128)
-    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--depth", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--context", type=int, default=64)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=int, default=16)
     p.add_argument("--eval-batches", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)

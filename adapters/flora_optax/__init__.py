@@ -1,0 +1,51 @@
+"""Flora for Optax: FLORA's compressed momentum and accumulation as JAX transformations.
+
+Every transformation is a pure ``optax.GradientTransformationExtraArgs`` that runs
+``flora_core`` with ``xp=jax.numpy``: jit-, sharding- and ``optax``-composable
+(``chain``, ``masked``, ``multi_transform``, ``inject_hyperparams``, ``MultiSteps``),
+with the same numbers as ``flora_torch`` and ``flora_keras``.
+
+    scale_by_flora_momentum  compressed EMA (Algorithm 2) as a building block
+    flora_adam               AdamW with a compressed first moment
+    flora_adafactor          optax.adafactor(momentum=...) with a compressed momentum
+    flora_multi_steps        optax.MultiSteps with a compressed accumulator (Alg. 1)
+    export_state / import_state / plans   the portable state schema (DESIGN §5)
+
+Stream ids follow ``jax.tree_util`` flatten order of the params (``param_indices``
+overrides them); see :func:`flora_adam`.
+
+Example:
+    >>> import jax, jax.numpy as jnp, optax, flora_optax
+    >>> params = {"w": jnp.ones((128, 64)), "b": jnp.zeros(64)}
+    >>> tx = flora_optax.flora_multi_steps(flora_optax.flora_adam(1e-3), 2)
+    >>> state = tx.init(params)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = jax.jit(tx.update)(grads, state, params)
+"""
+
+from flora_optax._common import FloraSpec
+from flora_optax._rule import FloraAdafactorState, FloraAdamState
+from flora_optax.accumulation import FloraMultiStepsState, flora_multi_steps
+from flora_optax.alias import flora_adafactor, flora_adam
+from flora_optax.checkpoint import export_state, import_state, plans
+from flora_optax.momentum import (
+    FloraMomentumState,
+    MomentumConfig,
+    scale_by_flora_momentum,
+)
+
+__all__ = [
+    "FloraAdafactorState",
+    "FloraAdamState",
+    "FloraMomentumState",
+    "FloraMultiStepsState",
+    "FloraSpec",
+    "MomentumConfig",
+    "export_state",
+    "flora_adafactor",
+    "flora_adam",
+    "flora_multi_steps",
+    "import_state",
+    "plans",
+    "scale_by_flora_momentum",
+]

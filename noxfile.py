@@ -73,7 +73,7 @@ def numpy(session: nox.Session) -> None:
 @nox.session
 def torch(session: nox.Session) -> None:
     """The core on torch, flora_torch, its VeLoRA, DDP and the HF Trainer client."""
-    _install(session, TORCH, "transformers", "accelerate", "safetensors")
+    _install(session, TORCH, "transformers", "accelerate", "safetensors", "peft")
     _pytest(
         session,
         "torch",

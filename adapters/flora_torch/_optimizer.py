@@ -10,6 +10,10 @@ NOTE [state tensors are rebound]: the core is pure and returns new arrays; the
 optimizer stores them in place of the old ones (no extra copy pass), so a state
 tensor is a new object after every step. ``count`` and ``micro_step`` are Python
 ints, so the momentum transfer of the core is a Python branch.
+
+NOTE [DTensor parameters]: a DTensor parameter (FSDP2, tensor parallel) gets DTensor
+states sharded like itself and the core rule runs on DTensors; see
+``flora_torch.distributed`` (which also picks its compressed axis).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 
 from flora_core import accumulation, policy
 from flora_core.validation import check_gradient, check_lr, check_positive_int
+from flora_torch import distributed
 from flora_torch._checkpoint import XP, CheckpointMixin, metadata
 from flora_torch._hooks import HooksMixin
 
@@ -112,7 +117,8 @@ class FloraOptimizer(HooksMixin, CheckpointMixin, torch.optim.Optimizer):
                 )
             plans.append(policy.plan(
                 tuple(p.shape), first + k, rank=group["rank"], seed=group["seed"],
-                axis=group["axis"], distribution=group["projection"],
+                axis=distributed.plan_axis(p, group["axis"]),
+                distribution=group["projection"],
             ))  # fmt: skip
         policy.check_unique_streams([*self._plans.values(), *plans])
         super().add_param_group(param_group)
@@ -141,7 +147,15 @@ class FloraOptimizer(HooksMixin, CheckpointMixin, torch.optim.Optimizer):
         state = self.state[p]
         if "count" not in state:
             plan = self._plans[p]
-            state.update(self._init(plan, config, xp=XP, device=p.device))
+            if distributed.is_sharded(p):  # NOTE [DTensor parameters]
+                self._check_sharded(p)
+                meta = self._init(plan, config, xp=XP, device=torch.device("meta"))
+                meta.pop("count")
+                state.update(
+                    distributed.sharded_state(p, plan, meta, self._rule, config)
+                )
+            else:
+                state.update(self._init(plan, config, xp=XP, device=p.device))
             state["count"] = 0
             if self.accumulation_steps > 1:
                 shape = accumulation.accumulator_shape(plan)
@@ -149,6 +163,14 @@ class FloraOptimizer(HooksMixin, CheckpointMixin, torch.optim.Optimizer):
                 state["micro_step"] = 0
             state.update(metadata(plan))
         return state
+
+    def _check_sharded(self, p: torch.Tensor) -> None:
+        if self._uses_hooks:
+            raise NotImplementedError(
+                f"{type(self).__name__} with accumulation_steps > 1 or layerwise=True "
+                f"does not support DTensor parameters yet (parameter "
+                f"{self._plans[p].param_index}, placements {p.placements})"
+            )
 
     def _check_grad(self, p: torch.Tensor, grad: torch.Tensor) -> None:
         if grad.is_sparse:
@@ -167,10 +189,13 @@ class FloraOptimizer(HooksMixin, CheckpointMixin, torch.optim.Optimizer):
     ) -> None:
         self._check_grad(p, grad)
         state = self._state(p, config)
-        update, new_state = self._rule(
-            grad, state, p, plan=self._plans[p], config=config, lr=group["lr"], xp=XP,
-            device=p.device,
-        )  # fmt: skip
+        with distributed.sharded_context(p):
+            update, new_state = self._rule(
+                grad, state, p, plan=self._plans[p], config=config, lr=group["lr"],
+                xp=XP, device=p.device,
+            )  # fmt: skip
+        if distributed.is_sharded(p):
+            new_state = distributed.keep_placements(new_state, state)
         state.update(new_state)  # NOTE [state tensors are rebound]
         if p.dtype in LOW_PRECISION:
             p.copy_(p.float().add_(update))

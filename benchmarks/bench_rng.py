@@ -21,7 +21,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 RESULTS = ROOT / "benchmarks" / "results"
-BACKENDS = {"numpy": "numpy", "torch": "torch", "jax": "jax", "tensorflow": "tensorflow"}
+BACKENDS = {
+    "numpy": "numpy",
+    "torch": "torch",
+    "jax": "jax",
+    "tensorflow": "tensorflow",
+}
 
 
 def timed(fn, repeats: int, sync) -> float:
@@ -49,7 +54,10 @@ def measure(backend: str, rows: int, cols: int, repeats: int) -> list[dict]:
         cases += [
             ("flora gaussian", lambda: rng.gaussian(1, 2, 3, shape, xp=xp)),
             ("flora random_bits", lambda: rng.random_bits(1, 2, 3, shape, xp=xp)),
-            ("native standard_normal", lambda: gen.standard_normal(shape, dtype=np.float32)),
+            (
+                "native standard_normal",
+                lambda: gen.standard_normal(shape, dtype=np.float32),
+            ),
         ]
         sync = lambda x: x  # noqa: E731
     elif backend == "torch":
@@ -133,8 +141,12 @@ def main() -> None:
         group = [r for r in rows if r["backend"] == backend]
         native = next((r for r in group if r["case"].startswith("native")), None)
         for r in group:
-            ratio = r["mvalues_per_s"] / native["mvalues_per_s"] if native else float("nan")
-            lines.append(f"| {backend} | {r['case']} | {r['mvalues_per_s']:.1f} | {ratio:.2f}x |")
+            ratio = (
+                r["mvalues_per_s"] / native["mvalues_per_s"] if native else float("nan")
+            )
+            lines.append(
+                f"| {backend} | {r['case']} | {r['mvalues_per_s']:.1f} | {ratio:.2f}x |"
+            )
     (RESULTS / "rng.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

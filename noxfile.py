@@ -117,6 +117,7 @@ def keras(session: nox.Session, backend: str) -> None:
         "conformance/test_adapters.py",
         "tests/keras",
         "tests/velora/test_velora_keras.py",
+        "tests/scale/test_keras_distribution.py",
         KERAS_BACKEND=backend,
         FLORA_ADAPTERS="keras",
     )

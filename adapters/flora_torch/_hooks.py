@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from flora_core import accumulation
+from flora_torch import distributed
 from flora_torch._checkpoint import XP
 
 
@@ -71,14 +72,15 @@ class HooksMixin:
                 f"without an optimizer step; call step() after every "
                 f"{self.accumulation_steps} backward passes"
             )
-        state["acc"] = accumulation.accumulate(
-            state["acc"],
-            grad,
-            state["count"],
-            plan=self._plans[p],
-            xp=XP,
-            device=p.device,
-        )
+        with distributed.sharded_context(p):  # NOTE [DTensor parameters]
+            state["acc"] = accumulation.accumulate(
+                state["acc"],
+                grad,
+                state["count"],
+                plan=self._plans[p],
+                xp=XP,
+                device=p.device,
+            )
         state["micro_step"] += micro_batches
         self._cycle_micro_steps = max(self._cycle_micro_steps, state["micro_step"])
         p.grad = None
@@ -89,10 +91,11 @@ class HooksMixin:
     ) -> torch.Tensor:
         """The cycle's mean gradient ``decompress(acc) / n``; resets ``acc``."""
         acc = state["acc"] if inv_scale is None else state["acc"] * inv_scale
-        grad = accumulation.accumulated_gradient(
-            acc, state["count"], state["micro_step"], plan=self._plans[p], xp=XP,
-            device=p.device,
-        )  # fmt: skip
+        with distributed.sharded_context(p):
+            grad = accumulation.accumulated_gradient(
+                acc, state["count"], state["micro_step"], plan=self._plans[p], xp=XP,
+                device=p.device,
+            )  # fmt: skip
         _reset(state)
         return grad
 

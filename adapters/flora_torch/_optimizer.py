@@ -115,6 +115,11 @@ class FloraOptimizer(HooksMixin, CheckpointMixin, torch.optim.Optimizer):
                     f"Complex parameters are not supported (parameter {first + k}, "
                     f"shape {tuple(p.shape)}, dtype {p.dtype}); optimize its real view"
                 )
+            if distributed.is_sharded(p) and self.layerwise:
+                raise NotImplementedError(
+                    f"{type(self).__name__}(layerwise=True) does not support DTensor "
+                    f"parameters yet (parameter {first + k}, placements {p.placements})"
+                )
             plans.append(policy.plan(
                 tuple(p.shape), first + k, rank=group["rank"], seed=group["seed"],
                 axis=distributed.plan_axis(p, group["axis"]),
@@ -147,30 +152,25 @@ class FloraOptimizer(HooksMixin, CheckpointMixin, torch.optim.Optimizer):
         state = self.state[p]
         if "count" not in state:
             plan = self._plans[p]
-            if distributed.is_sharded(p):  # NOTE [DTensor parameters]
-                self._check_sharded(p)
-                meta = self._init(plan, config, xp=XP, device=torch.device("meta"))
-                meta.pop("count")
-                state.update(
-                    distributed.sharded_state(p, plan, meta, self._rule, config)
-                )
-            else:
-                state.update(self._init(plan, config, xp=XP, device=p.device))
-            state["count"] = 0
+            sharded = distributed.is_sharded(p)  # NOTE [DTensor parameters]
+            device = torch.device("meta") if sharded else p.device
+            state.update(self._init(plan, config, xp=XP, device=device))
             if self.accumulation_steps > 1:
                 shape = accumulation.accumulator_shape(plan)
-                state["acc"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+                state["acc"] = torch.zeros(shape, dtype=torch.float32, device=device)
                 state["micro_step"] = 0
+            if sharded:
+                fields = {
+                    k: v
+                    for k, v in state.items()
+                    if torch.is_tensor(v) and k != "count"
+                }
+                state.update(
+                    distributed.sharded_state(p, plan, fields, self._rule, config)
+                )
+            state["count"] = 0
             state.update(metadata(plan))
         return state
-
-    def _check_sharded(self, p: torch.Tensor) -> None:
-        if self._uses_hooks:
-            raise NotImplementedError(
-                f"{type(self).__name__} with accumulation_steps > 1 or layerwise=True "
-                f"does not support DTensor parameters yet (parameter "
-                f"{self._plans[p].param_index}, placements {p.placements})"
-            )
 
     def _check_grad(self, p: torch.Tensor, grad: torch.Tensor) -> None:
         if grad.is_sparse:

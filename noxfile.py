@@ -80,6 +80,8 @@ def torch(session: nox.Session) -> None:
         "conformance",
         "tests/torch",
         "tests/velora/test_velora_torch.py",
+        "tests/scale/test_fsdp.py",
+        "tests/scale/test_tensor_parallel.py",
         FLORA_ADAPTERS="torch",
     )
 
@@ -94,6 +96,7 @@ def jax(session: nox.Session) -> None:
         "conformance",
         "tests/optax",
         "tests/velora/test_velora_jax.py",
+        "tests/scale/test_jax_mesh.py",
         FLORA_ADAPTERS="optax",
     )
 

@@ -1,0 +1,25 @@
+"""Flora for Keras 3: sublinear-memory optimizers on the TensorFlow, JAX and torch backends.
+
+Change one word of a Keras program::
+
+    model.compile(optimizer=flora_keras.FloraAdam(), loss=...)
+
+and the momentum of every weight matrix is kept as a random projection of rank
+``r`` (FLORA), with optional compressed gradient accumulation. The update rules are
+``flora_core``'s, so the numbers equal flora_torch's and flora_optax's.
+
+Classes:
+    FloraAdam        Adam / AdamW with a compressed first moment (``factored=True``
+                     also factors the second moment).
+    FloraAdafactor   ``optax.adafactor(momentum=...)`` with a compressed momentum.
+
+Functions:
+    export_state / import_state   the portable flora_core state of a built
+                                  optimizer (moves between frameworks).
+"""
+
+from flora_keras.adafactor import FloraAdafactor
+from flora_keras.adam import FloraAdam
+from flora_keras.checkpoint import export_state, import_state
+
+__all__ = ["FloraAdafactor", "FloraAdam", "export_state", "import_state"]

@@ -36,6 +36,7 @@ def provenance(*packages: str) -> dict[str, object]:
             "cpu": cpu_model(),
             "cores": os.cpu_count(),
             "platform": platform.platform(),
+            "load_average_1m": round(os.getloadavg()[0], 2),
         },
         "versions": versions("numpy", *packages),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
@@ -50,7 +51,9 @@ def markdown_header(title: str, meta: dict) -> str:
     return (
         f"# {title}\n\n"
         f"- Command: `{meta['command']}`\n"
-        f"- Machine: {machine['cpu']}, {machine['cores']} cores ({machine['platform']}), no GPU\n"
+        f"- Machine: {machine['cpu']}, {machine['cores']} cores ({machine['platform']}), no GPU;"
+        f" load average {machine.get('load_average_1m', '?')} at the start (other jobs"
+        " share this machine: compare ratios within one run, not across runs)\n"
         f"- Versions: {vers}\n"
         f"- Date: {meta['date']}\n\n"
     )

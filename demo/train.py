@@ -79,7 +79,7 @@ def parse(argv=None) -> argparse.Namespace:
         help="FLORA rank (default: the library's rank='auto': width // 4)",
     )
     p.add_argument("--kappa", type=int, default=100, help="resampling interval")
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument(
         "--data", default=None, help="a UTF-8 text file (default: generated)"
     )

@@ -269,26 +269,71 @@ def leaf_mask(mask: Any, params: Any, treedef: Any, n: int) -> list[bool]:
     return [True if is_masked(m) else bool(m) for m in treedef.flatten_up_to(tree)]
 
 
-def zeros_placed(shape: tuple[int, ...], dtype: Any, param: Any) -> jax.Array:
+def zeros_placed(
+    shape: tuple[int, ...], dtype: Any, param: Any, sharding: Any = None
+) -> jax.Array:
     """Zeros, placed like the param when it is a committed array of the same shape
     (as ``jnp.zeros_like`` would; an uncommitted state keeps jit's cache at one
-    entry when the params are uncommitted)."""
+    entry when the params are uncommitted), or with ``sharding`` when given."""
     placed = (
         isinstance(param, jax.Array)
         and not isinstance(param, jax.core.Tracer)
         and param.committed
         and param.shape == shape
     )
-    return jnp.zeros(shape, dtype, device=param.sharding if placed else None)
+    if placed:
+        sharding = param.sharding
+    return jnp.zeros(shape, dtype, device=sharding)
+
+
+def derived_sharding(
+    field: str, shape: tuple[int, ...], plan: policy.CompressionPlan, param: Any
+) -> Any:
+    """The sharding of a state field whose shape is not the param's (DESIGN §8).
+
+    For a committed 2-D param under ``NamedSharding(mesh, P(s0, s1))``: a compressed
+    ``mu``/``acc`` keeps the uncompressed axis, ``(n, r)`` -> ``P(s0, None)`` and
+    ``(r, m)`` -> ``P(None, s1)``; a factored ``nu_row``/``nu_col`` keeps the axis of
+    its length (``nu_row`` axis 0 when both match, as both rules factor that way).
+    None otherwise (the state is then placed by jit).
+    """
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    sharding = getattr(param, "sharding", None)
+    if (
+        not isinstance(sharding, NamedSharding)
+        or isinstance(param, jax.core.Tracer)
+        or not param.committed
+        or param.ndim != 2
+    ):
+        return None
+    spec = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
+    n, m = param.shape
+    if field in ("mu", "acc") and plan.compressed and len(shape) == 2:
+        kept = (
+            PartitionSpec(spec[0], None)
+            if plan.axis == 1
+            else PartitionSpec(None, spec[1])
+        )
+        return NamedSharding(sharding.mesh, kept)
+    if field in ("nu_row", "nu_col") and len(shape) == 1:
+        axis = 0 if (shape[0] == n and (field == "nu_row" or n != m)) else 1
+        return NamedSharding(sharding.mesh, PartitionSpec(spec[axis]))
+    return None
 
 
 def core_init(init: Callable[..., dict], plan: policy.CompressionPlan, config: Any,
               param: Any) -> dict[str, Any]:  # fmt: skip
     """The core's zero state of one leaf without ``count`` (the transformation keeps
-    one shared count); full-size fields are placed like the param."""
+    one shared count); fields are placed like the param (see ``derived_sharding``)."""
     shapes = jax.eval_shape(lambda: init(plan, config, xp=jnp))
     return {
-        k: zeros_placed(tuple(s.shape), s.dtype, param)
+        k: zeros_placed(
+            tuple(s.shape),
+            s.dtype,
+            param,
+            derived_sharding(k, tuple(s.shape), plan, param),
+        )
         for k, s in shapes.items()
         if k != "count"
     }

@@ -109,7 +109,8 @@ def flora_multi_steps(
                 continue
             _common.check_param(leaf)
             shape = accumulation.accumulator_shape(plan)
-            acc.append(_common.zeros_placed(shape, jnp.float32, leaf))
+            placement = _common.derived_sharding("acc", shape, plan, leaf)
+            acc.append(_common.zeros_placed(shape, jnp.float32, leaf, placement))
         return FloraMultiStepsState(
             micro_step=jnp.zeros([], jnp.int32),
             count=jnp.zeros([], jnp.int32),

@@ -105,9 +105,9 @@ def scale_by_flora_momentum(
                 mu.append(optax.MaskedNode())
                 continue
             _common.check_param(leaf)
-            mu.append(
-                _common.zeros_placed(rules.momentum_shape(plan), jnp.float32, leaf)
-            )
+            shape = rules.momentum_shape(plan)
+            placement = _common.derived_sharding("mu", shape, plan, leaf)
+            mu.append(_common.zeros_placed(shape, jnp.float32, leaf, placement))
         return FloraMomentumState(
             count=jnp.zeros([], jnp.int32),
             mu=treedef.unflatten(mu),

@@ -118,7 +118,20 @@ def main() -> None:
             k: jax.device_put(v, NamedSharding(mesh, SPECS[k]))
             for k, v in params0().items()
         }
-        state = shard_state(tx.init(params), params, mesh)
+        state = tx.init(params)  # flora_optax places every field like its parameter
+        by_plan0 = dict(zip(sorted(SHAPES), state.spec.plans, strict=True))
+        placed_by_init = {
+            f: all(
+                v.sharding.is_equivalent_to(
+                    NamedSharding(mesh, state_spec(f, SPECS[k], by_plan0[k], v.shape)),
+                    v.ndim,
+                )
+                for k, v in getattr(state, f).items()
+                if v is not None
+            )
+            for f in ("mu", "nu", "nu_row", "nu_col")
+        }
+        assert all(placed_by_init.values()), f"init placement: {placed_by_init}"
         before = {k: str(v.sharding.spec) for k, v in state.mu.items()}
         params, state, hlo = run(tx, params, state, mesh)
         names = sorted(SHAPES)

@@ -138,8 +138,9 @@ def conformance(session: nox.Session) -> None:
 def gpu_kernels(session: nox.Session) -> None:
     """The Triton kernels (in Triton's CPU interpreter when there is no GPU) and the
     CuPy kernel source (compiled for the host by g++)."""
-    _install(session, TORCH, "triton")
-    _pytest(session, "torch", "tests/gpu")
+    _install(session, TORCH, "triton", "transformers")
+    interpret = {} if HAS_GPU else {"TRITON_INTERPRET": "1"}
+    _pytest(session, "torch", "tests/gpu", **interpret)
 
 
 @nox.session

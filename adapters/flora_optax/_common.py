@@ -322,6 +322,27 @@ def derived_sharding(
     return None
 
 
+def compressed_zeros(
+    field: str,
+    shape_of_plan: Callable[[policy.CompressionPlan], tuple[int, ...]],
+    params: Any,
+    plans: list[Any],
+    treedef: Any,
+) -> Any:
+    """A pytree of float32 zero states ``field`` (MaskedNode where a leaf has no plan),
+    each shaped by ``shape_of_plan`` and placed like its parameter."""
+    leaves = []
+    for leaf, plan in zip(treedef.flatten_up_to(params), plans, strict=True):
+        if plan is None:
+            leaves.append(optax.MaskedNode())
+            continue
+        check_param(leaf)
+        shape = shape_of_plan(plan)
+        placement = derived_sharding(field, shape, plan, leaf)
+        leaves.append(zeros_placed(shape, jnp.float32, leaf, placement))
+    return treedef.unflatten(leaves)
+
+
 def core_init(init: Callable[..., dict], plan: policy.CompressionPlan, config: Any,
               param: Any) -> dict[str, Any]:  # fmt: skip
     """The core's zero state of one leaf without ``count`` (the transformation keeps

@@ -102,20 +102,14 @@ def flora_multi_steps(
 
     def init_fn(params: optax.Params) -> FloraMultiStepsState:
         plans, treedef = structure.plans(params)
-        acc = []
-        for leaf, plan in zip(treedef.flatten_up_to(params), plans, strict=True):
-            if plan is None:
-                acc.append(optax.MaskedNode())
-                continue
-            _common.check_param(leaf)
-            shape = accumulation.accumulator_shape(plan)
-            placement = _common.derived_sharding("acc", shape, plan, leaf)
-            acc.append(_common.zeros_placed(shape, jnp.float32, leaf, placement))
+        acc = _common.compressed_zeros(
+            "acc", accumulation.accumulator_shape, params, plans, treedef
+        )
         return FloraMultiStepsState(
             micro_step=jnp.zeros([], jnp.int32),
             count=jnp.zeros([], jnp.int32),
             inner_state=inner.init(params),
-            acc=treedef.unflatten(acc),
+            acc=acc,
             spec=FloraSpec(plans, None, treedef),
         )
 

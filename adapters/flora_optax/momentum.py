@@ -99,18 +99,12 @@ def scale_by_flora_momentum(
     def init_fn(params: optax.Params) -> FloraMomentumState:
         _common.require_static("scale_by_flora_momentum", known, hyper, structure)
         plans, treedef = structure.plans(params)
-        mu = []
-        for leaf, plan in zip(treedef.flatten_up_to(params), plans, strict=True):
-            if plan is None:
-                mu.append(optax.MaskedNode())
-                continue
-            _common.check_param(leaf)
-            shape = rules.momentum_shape(plan)
-            placement = _common.derived_sharding("mu", shape, plan, leaf)
-            mu.append(_common.zeros_placed(shape, jnp.float32, leaf, placement))
+        mu = _common.compressed_zeros(
+            "mu", rules.momentum_shape, params, plans, treedef
+        )
         return FloraMomentumState(
             count=jnp.zeros([], jnp.int32),
-            mu=treedef.unflatten(mu),
+            mu=mu,
             spec=FloraSpec(plans, MomentumConfig(**known), treedef),
         )
 

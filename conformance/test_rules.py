@@ -100,16 +100,24 @@ def test_identity_equals_optax(problem):
     close(oracle(problem), out, label=f"optax {problem.rule}")
 
 
+@pytest.mark.parametrize("rank", [4, None], ids=["compressed", "uncompressed"])
+@pytest.mark.parametrize("factored", [False, True], ids=["full_nu", "factored"])
 @pytest.mark.parametrize("rule", ["adam", "adafactor"])
-def test_rules_never_mutate_inputs(rule):
-    """Read-only numpy inputs: any in-place write would raise."""
+def test_rules_never_mutate_inputs(rule, factored, rank):
+    """Read-only numpy inputs and states: any in-place write would raise.
+
+    The rules update their own temporaries in place (NOTE [lean temporaries]);
+    uncompressed, the direction is the new moment itself, which must stay untouched.
+    """
     import array_api_compat.numpy as xp
 
-    plan = policy.plan((32, 24), 0, rank=4, seed=1)
+    plan = policy.plan((32, 24), 0, rank=rank, seed=1)
     config = (
-        rules.AdamConfig(kappa=1, weight_decay=0.1)
+        rules.AdamConfig(kappa=1, weight_decay=0.1, factored=factored)
         if rule == "adam"
-        else rules.AdafactorConfig(kappa=1)
+        else rules.AdafactorConfig(
+            kappa=1, factored=factored, min_dim_size_to_factor=8, weight_decay_rate=0.1
+        )
     )
     init = rules.flora_adam_init if rule == "adam" else rules.flora_adafactor_init
     step = rules.flora_adam if rule == "adam" else rules.flora_adafactor

@@ -34,11 +34,11 @@ def accumulate(
     device: Any = None,
 ) -> Array:
     """``acc + compress(grad, A_cycle)`` for one micro-batch gradient (float32)."""
-    grad = xp.astype(grad, xp.float32)
+    grad = xp.astype(grad, xp.float32, copy=False)
     if plan.compressed:
         grad = xp.reshape(grad, plan.matrix_shape)
     a = projection(plan, cycle, ROLE_ACCUMULATION, xp=xp, device=device)
-    return acc + compress(grad, a, plan.axis, xp=xp)  # type: ignore[arg-type]
+    return acc + compress(grad, a, plan.axis, xp=xp)
 
 
 def accumulated_gradient(
@@ -56,5 +56,5 @@ def accumulated_gradient(
     """
     a = projection(plan, cycle, ROLE_ACCUMULATION, xp=xp, device=device)
     tau = xp.astype(steps, xp.float32) if hasattr(steps, "dtype") else float(steps)
-    full = decompress(acc, a, plan.axis, xp=xp) / tau  # type: ignore[arg-type]
+    full = decompress(acc, a, plan.axis, xp=xp) / tau
     return xp.reshape(full, plan.shape)

@@ -19,7 +19,13 @@ from typing import Any
 
 from flora_core._xp import Array, Namespace, backend_name
 from flora_core.policy import ROLE_MOMENTUM, CompressionPlan
-from flora_core.projection import compress, decompress, projection, transfer
+from flora_core.projection import (
+    Projection,
+    compress,
+    decompress,
+    projection,
+    transfer,
+)
 
 
 def resample_index(count: Array | int, kappa: int) -> Array | int:
@@ -63,6 +69,42 @@ def _transferred(
     return xp.where(starts_interval, moved(mu), mu)
 
 
+def momentum_step(
+    mu: Array,
+    update: Array,
+    count: Array | int,
+    *,
+    beta: float,
+    kappa: int,
+    plan: CompressionPlan,
+    xp: Namespace,
+    device: Any = None,
+) -> tuple[Array, Projection, Array]:
+    """One step of compressed EMA, not yet decompressed.
+
+    Args:
+        mu: the compressed moment (``plan.state_shape``), or the full one when the
+            parameter is not compressed.
+        update: the new float32 update, in the matrix view when compressed.
+        count: ``t``, the number of updates applied before this one.
+        beta: EMA decay.
+        kappa: resampling interval κ.
+        plan: the parameter's compression plan.
+
+    Returns:
+        ``(new_mu, a, compressed)``: the new moment, the projection ``A_i`` it lives
+        on (None: identity) and ``compress(update, A_i)``. ``decompress(new_mu, a)``
+        is the direction; ``decompress(compressed, a)`` is the update as the moment
+        sees it.
+    """
+    a = projection(
+        plan, resample_index(count, kappa), ROLE_MOMENTUM, xp=xp, device=device
+    )
+    mu = _transferred(mu, count, kappa, a, plan, xp, device)
+    compressed = compress(update, a, plan.axis, xp=xp)
+    return beta * mu + (1.0 - beta) * compressed, a, compressed
+
+
 def momentum_update(
     mu: Array,
     update: Array,
@@ -73,32 +115,9 @@ def momentum_update(
     plan: CompressionPlan,
     xp: Namespace,
     device: Any = None,
-    with_projected: bool = False,
-) -> tuple[Array, ...]:
-    """One step of compressed EMA.
-
-    Args:
-        mu: the compressed moment (``plan.state_shape``), or the full one when the
-            parameter is not compressed.
-        update: the new float32 update, in the matrix view when compressed.
-        count: ``t``, the number of updates applied before this one.
-        beta: EMA decay.
-        kappa: resampling interval κ.
-        plan: the parameter's compression plan.
-        with_projected: also return ``decompress(compress(update))``, the update as
-            the moment sees it (one more matmul).
-
-    Returns:
-        ``(new_mu, direction)``: the new moment and its decompressed value (same
-        shape as ``update``), then the projected update if ``with_projected``.
-    """
-    a = projection(
-        plan, resample_index(count, kappa), ROLE_MOMENTUM, xp=xp, device=device
+) -> tuple[Array, Array]:
+    """``momentum_step`` and the direction: ``(new_mu, decompress(new_mu, A_i))``."""
+    new_mu, a, _ = momentum_step(
+        mu, update, count, beta=beta, kappa=kappa, plan=plan, xp=xp, device=device
     )
-    mu = _transferred(mu, count, kappa, a, plan, xp, device)
-    compressed = compress(update, a, plan.axis, xp=xp)  # type: ignore[arg-type]
-    new_mu = beta * mu + (1.0 - beta) * compressed
-    direction = decompress(new_mu, a, plan.axis, xp=xp)  # type: ignore[arg-type]
-    if not with_projected:
-        return new_mu, direction
-    return new_mu, direction, decompress(compressed, a, plan.axis, xp=xp)  # type: ignore[arg-type]
+    return new_mu, decompress(new_mu, a, plan.axis, xp=xp)

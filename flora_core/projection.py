@@ -61,7 +61,7 @@ def projection(
     return z * float(1.0 / math.sqrt(plan.rank))
 
 
-def compress(g: Array, a: Projection, axis: int, *, xp: Namespace) -> Array:
+def compress(g: Array, a: Projection, axis: int | None, *, xp: Namespace) -> Array:
     """``G Aᵀ`` (axis 1) or ``A G`` (axis 0) of a 2-D ``g``."""
     if a is None:
         return g
@@ -70,7 +70,7 @@ def compress(g: Array, a: Projection, axis: int, *, xp: Namespace) -> Array:
     return xp.matmul(a, g)
 
 
-def decompress(c: Array, a: Projection, axis: int, *, xp: Namespace) -> Array:
+def decompress(c: Array, a: Projection, axis: int | None, *, xp: Namespace) -> Array:
     """``C A`` (axis 1) or ``Aᵀ C`` (axis 0): back to the 2-D parameter shape."""
     if a is None:
         return c

@@ -2,8 +2,9 @@
 
 Each rule is a pair: ``*_init(plan, config, xp=...) -> state`` and
 ``rule(grad, state, param, plan=..., config=..., lr=...) -> (update, new_state)``,
-with ``param + update`` the new parameter. Inputs are never mutated; the math runs in
-float32 whatever the parameter dtype, and the update is float32 (the adapter casts).
+with ``param + update`` the new parameter. Inputs are never mutated (see NOTE [lean
+temporaries]); the math runs in float32 whatever the parameter dtype, and the update is
+float32 (the adapter casts).
 
 ``state["count"]`` may be a Python int (eager adapters) or an integer array (traced
 code); the returned count has the same kind.
@@ -23,8 +24,9 @@ from typing import Any
 import numpy as np
 
 from flora_core._xp import Array, Namespace, namespace
-from flora_core.momentum import momentum_update
+from flora_core.momentum import momentum_step
 from flora_core.policy import CompressionPlan
+from flora_core.projection import Projection, decompress
 from flora_core.validation import (
     check_beta,
     check_gradient,
@@ -122,15 +124,35 @@ def _ema_momentum(
     plan: CompressionPlan,
     xp: Namespace,
     device: Any,
-    with_projected: bool = False,
-) -> tuple[Array, ...]:
-    """Compressed (or, uncompressed, exact) EMA of ``u``: (mu, direction[, projected])."""
+) -> tuple[Array, Projection, Array]:
+    """Compressed (or, uncompressed, exact) EMA of ``u``, not yet decompressed.
+
+    Returns ``(new_mu, a, compressed)`` of ``momentum_step`` on ``u``'s matrix view;
+    ``_decompressed`` turns ``new_mu`` (the direction) or ``compressed`` back.
+    """
     view = xp.reshape(u, plan.matrix_shape) if plan.compressed else u
-    mu, *rest = momentum_update(
-        mu, view, count, beta=beta, kappa=kappa, plan=plan, xp=xp, device=device,
-        with_projected=with_projected,
-    )  # fmt: skip
-    return (mu, *(xp.reshape(r, plan.shape) for r in rest))
+    return momentum_step(
+        mu, view, count, beta=beta, kappa=kappa, plan=plan, xp=xp, device=device
+    )
+
+
+def _decompressed(
+    c: Array, a: Projection, plan: CompressionPlan, xp: Namespace
+) -> Array:
+    """``decompress(c, a)`` in the parameter's shape."""
+    return xp.reshape(decompress(c, a, plan.axis, xp=xp), plan.shape)
+
+
+# NOTE [lean temporaries]: on eager numpy/torch/CuPy every array op allocates, and a
+# full-size temporary of the largest parameter (GPT-2's 50257 x 768 embedding: 154 MB)
+# counts against the training step's peak. So the rules update the temporaries they
+# create themselves with augmented assignment (in place there; JAX and TF rebind),
+# drop each one as soon as it is used, and read float32 inputs without a copy. Inputs
+# and the arrays returned as state are never written: uncompressed, the direction
+# ``_decompressed(mu, None, ...)`` is the new ``mu`` itself, so it is only read. Adam
+# also decompresses the direction only after ĝ is gone, one full-size array fewer. Every
+# op keeps its operands and order (a * b == b * a and a + b == b + a bit for bit), so
+# the numbers are those of the plain expressions.
 
 
 def _one_minus_pow(b: float, t: Array | float, xp: Namespace) -> Array | float:
@@ -200,35 +222,47 @@ def flora_adam(
     """
     xp = xp or namespace(grad)
     check_gradient(grad, xp=xp)
-    g = xp.astype(grad, xp.float32)
+    g = xp.astype(grad, xp.float32, copy=False)
     count = state["count"]
     projected = config.second_moment == "projected"
-    mu, direction, *rest = _ema_momentum(
-        state["mu"], g, count, config.b1, config.kappa, plan, xp, device, projected
+    mu, a, compressed = _ema_momentum(
+        state["mu"], g, count, config.b1, config.kappa, plan, xp, device
     )
     if projected:
-        g = rest[0]
+        g = _decompressed(compressed, a, plan, xp)
+    del compressed
     new_state: State = {"count": count + 1, "mu": mu}
     b2 = config.b2
     if adam_factored(plan, config):
-        sq = xp.reshape(g * g, plan.matrix_shape) + FACTORED_EPS
+        sq = xp.reshape(g * g, plan.matrix_shape)
+        sq += FACTORED_EPS
         nu_row = b2 * state["nu_row"] + (1.0 - b2) * xp.mean(sq, axis=1)
         nu_col = b2 * state["nu_col"] + (1.0 - b2) * xp.mean(sq, axis=0)
+        del sq
         new_state.update(nu_row=nu_row, nu_col=nu_col)
         outer = (
             xp.reshape(nu_row, (-1, 1)) * xp.reshape(nu_col, (1, -1)) / xp.mean(nu_row)
         )
         nu = xp.reshape(outer, plan.shape)
     else:
-        nu = b2 * state["nu"] + (1.0 - b2) * (g * g)
+        nu = g * g
+        nu *= 1.0 - b2
+        nu += b2 * state["nu"]
         new_state["nu"] = nu
+    del g  # NOTE [lean temporaries]
     t = _as_float(count, 1, xp)
-    step = (direction / _one_minus_pow(config.b1, t, xp)) / (
-        xp.sqrt(nu / _one_minus_pow(b2, t, xp)) + config.eps
-    )
+    denom = xp.sqrt(nu / _one_minus_pow(b2, t, xp))
+    del nu
+    denom += config.eps
+    direction = _decompressed(mu, a, plan, xp)
+    step = direction / _one_minus_pow(config.b1, t, xp)
+    del direction
+    step /= denom
+    del denom
     if config.weight_decay:
-        step = step + config.weight_decay * xp.astype(param, xp.float32)
-    return -lr * step, new_state
+        step += config.weight_decay * xp.astype(param, xp.float32, copy=False)
+    step *= -lr
+    return step, new_state
 
 
 # --------------------------------------------------------------------------------------
@@ -278,19 +312,26 @@ def _scale_by_factored_rms(
     eps: float,
     xp: Namespace,
 ) -> Array:
-    sq = g * g + eps
+    sq = g * g
+    sq += eps
     if dims is None:
-        nu = decay * state["nu"] + (1.0 - decay) * sq
-        new_state["nu"] = nu
-        return g * nu**-0.5
+        sq *= 1.0 - decay
+        sq += decay * state["nu"]
+        new_state["nu"] = nu = sq
+        scaled = nu**-0.5
+        scaled *= g
+        return scaled
     d1, d0 = dims
     nu_row = decay * state["nu_row"] + (1.0 - decay) * xp.mean(sq, axis=d0)
     nu_col = decay * state["nu_col"] + (1.0 - decay) * xp.mean(sq, axis=d1)
+    del sq
     new_state.update(nu_row=nu_row, nu_col=nu_col)
     reduced_d1 = d1 - 1 if d1 > d0 else d1
     row_factor = (nu_row / xp.mean(nu_row, axis=reduced_d1, keepdims=True)) ** -0.5
     col_factor = nu_col**-0.5
-    return g * xp.expand_dims(row_factor, axis=d0) * xp.expand_dims(col_factor, axis=d1)
+    scaled = g * xp.expand_dims(row_factor, axis=d0)
+    scaled *= xp.expand_dims(col_factor, axis=d1)
+    return scaled
 
 
 def _rms(x: Array, xp: Namespace) -> Array:
@@ -315,23 +356,24 @@ def flora_adafactor(
     """
     xp = xp or namespace(grad)
     check_gradient(grad, xp=xp)
-    g = xp.astype(grad, xp.float32)
-    p = xp.astype(param, xp.float32)
+    g = xp.astype(grad, xp.float32, copy=False)
+    p = xp.astype(param, xp.float32, copy=False)
     count = state["count"]
     new_state: State = {"count": count + 1}
     decay = 1.0 - _as_float(count, 1 - config.decay_offset, xp) ** (-config.decay_rate)
     dims = factored_dims(plan.shape, config.factored, config.min_dim_size_to_factor)
     u = _scale_by_factored_rms(g, state, new_state, decay, dims, config.eps, xp)
+    del g  # NOTE [lean temporaries]
     if config.clipping_threshold is not None:
-        u = u / xp.maximum(_rms(u, xp) / config.clipping_threshold, 1.0)
-    u = lr * u
+        u /= xp.maximum(_rms(u, xp) / config.clipping_threshold, 1.0)
+    u *= lr
     if config.multiply_by_parameter_scale:
-        rms = _rms(p, xp)
-        u = u * xp.maximum(rms, 1e-3)
+        u *= xp.maximum(_rms(p, xp), 1e-3)
     if config.momentum is not None:
-        new_state["mu"], u = _ema_momentum(
+        mu, a, _ = _ema_momentum(
             state["mu"], u, count, config.momentum, config.kappa, plan, xp, device
         )
+        new_state["mu"], u = mu, _decompressed(mu, a, plan, xp)
     if config.weight_decay_rate is not None:
         u = u + config.weight_decay_rate * p
     return -u, new_state

@@ -31,9 +31,7 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import statistics
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -42,7 +40,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "adapters"), str(ROOT / "benchmarks")]
 
+import _optimizers  # noqa: E402
 import torch  # noqa: E402
+import training_peak  # noqa: E402
 from _meta import provenance  # noqa: E402
 
 from flora_core import rng  # noqa: E402
@@ -57,10 +57,12 @@ STEP_VARIANTS = ("AdamW(fused)", "FloraAdam", "FloraAdam" + TRITON, "FloraAdafac
 MEMORY_VARIANTS = (
     "AdamW(fused)",
     "FloraAdam",
+    "FloraAdam(factored)",
     "FloraAdafactor",
     "flora-opt Flora",
     "GaLoreAdamW",
 )
+MEMORY_BATCH = (8, 1024)
 PACKAGES = ("torch", "triton", "cupy-cuda12x", "transformers", "galore-torch")
 
 
@@ -80,10 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--flora-opt-path", default="/work/benchdeps")
+    parser.add_argument("--flora-opt-path", default=_optimizers.FLORA_OPT_PATH)
     parser.add_argument("--dry-run", action="store_true",
                         help="list the measurements; needs no GPU, writes nothing")  # fmt: skip
-    parser.add_argument("--peak", help=argparse.SUPPRESS)  # internal: one variant
     return parser.parse_args(argv)
 
 
@@ -108,9 +109,10 @@ def plan_measurements(args: argparse.Namespace) -> list[str]:
         rows += [f"step {name} r={RANK} on GPT-2 medium shapes ({n:,} params)"
                  for name in STEP_VARIANTS]  # fmt: skip
     if "memory" in args.only:
-        rows += [f"memory {name}: GPT-2 small, batch 8x1024, bf16 autocast"
-                 + (" (SKIPPED: not installed)" if missing(name, args.flora_opt_path) else "")
-                 for name in MEMORY_VARIANTS]  # fmt: skip
+        for name in MEMORY_VARIANTS:
+            reason = _optimizers.missing(name, args.flora_opt_path)
+            rows.append(f"memory {name}: GPT-2 small, batch 8x1024, bf16 autocast"
+                        + (f" (SKIPPED: {reason})" if reason else ""))  # fmt: skip
     return rows
 
 
@@ -225,26 +227,8 @@ def bench_rng(reps: int) -> list[dict]:
     return rows
 
 
-def make_optimizer(name: str, params: list, flora_opt_path: str = "") -> Any:
-    from flora_torch import FloraAdafactor, FloraAdam
-
-    name = name.removesuffix(TRITON)
-    if name == "AdamW(fused)":
-        return torch.optim.AdamW(params, lr=1e-4, fused=True)
-    if name in ("FloraAdam", "FloraAdafactor"):
-        flora = FloraAdam if name == "FloraAdam" else FloraAdafactor
-        return flora(params, lr=1e-4, rank=RANK)
-    if name == "flora-opt Flora":
-        sys.path.insert(0, flora_opt_path)
-        from flora_opt import Flora  # LGPL: used from its own folder, never copied
-
-        return Flora(params, lr=1e-4, rank=RANK, beta1=0.9, relative_step=False)
-    from galore_torch import GaLoreAdamW
-
-    low_rank = [p for p in params if p.ndim == 2 and min(p.shape) > RANK]
-    rest = [p for p in params if all(p is not q for q in low_rank)]
-    galore = {"rank": RANK, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}
-    return GaLoreAdamW([{"params": rest}, {"params": low_rank, **galore}], lr=1e-4)
+def make_optimizer(name: str, params: list) -> Any:
+    return _optimizers.make_optimizer(name.removesuffix(TRITON), params, rank=RANK)
 
 
 def bench_step(reps: int) -> list[dict]:
@@ -266,67 +250,13 @@ def bench_step(reps: int) -> list[dict]:
     return rows
 
 
-def peak_main(name: str, flora_opt_path: str) -> None:
-    """One variant's training-step peak, printed as a JSON line (a subprocess)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(attn_implementation="sdpa")
-    model = GPT2LMHeadModel(config).cuda()
-    optimizer = make_optimizer(name, list(model.parameters()), flora_opt_path)
-    tokens = torch.randint(0, config.vocab_size, (8, 1024), device="cuda")
-
-    def train_step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(tokens, labels=tokens).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    train_step()  # warm-up: the optimizer state exists from here on
-    torch.cuda.synchronize()
-    state = [
-        v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)
-    ]
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    train_step()
-    torch.cuda.synchronize()
-    print(json.dumps({
-        "kind": "memory", "what": name, "before_step_bytes": before,
-        "state_bytes": sum(v.untyped_storage().nbytes() for v in state),
-        "peak_bytes": torch.cuda.max_memory_allocated(),
-    }))  # fmt: skip
-
-
-def missing(name: str, flora_opt_path: str) -> bool:
-    if name == "GaLoreAdamW":
-        return not available("galore_torch")
-    return name == "flora-opt Flora" and not os.path.isdir(flora_opt_path)
-
-
 def bench_memory(args: argparse.Namespace) -> list[dict]:
-    rows: list[dict] = []
-    for name in MEMORY_VARIANTS:
-        if missing(name, args.flora_opt_path):
-            rows.append({"kind": "memory", "what": name, "skipped": "not installed"})
-            continue
-        command = [sys.executable, __file__, "--peak", name,
-                   "--flora-opt-path", args.flora_opt_path]  # fmt: skip
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode:
-            error = (done.stderr.strip().splitlines() or ["?"])[-1]
-            rows.append({"kind": "memory", "what": name, "error": error})
-        else:
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    adamw = next((r for r in rows if r["what"] == "AdamW(fused)" and "peak_bytes" in r),
-                 None)  # fmt: skip
-    for row in rows:
-        if adamw and "peak_bytes" in row:  # share of AdamW's state bytes off the peak
-            row["ratio"] = (adamw["peak_bytes"] - row["peak_bytes"]) / adamw[
-                "state_bytes"
-            ]
-    return rows
+    rows = training_peak.measure(MEMORY_VARIANTS, "cuda", MEMORY_BATCH, RANK,
+                                 args.flora_opt_path)  # fmt: skip
+    return [{"kind": "memory", "what": row.pop("optimizer"), **row,
+             **({"ratio": row["removed_share_of_adamw_state"]}
+                if "removed_share_of_adamw_state" in row else {})}
+            for row in rows]  # fmt: skip
 
 
 RATIO_DOC = {"rng": "throughput / torch.randn's", "compress": "speed-up over torch-path A",
@@ -372,8 +302,6 @@ def main(argv: list[str] | None = None) -> None:
                  "(torch.cuda.is_available() is False); nothing was measured or "
                  "written. Use --dry-run to list the measurements.")  # fmt: skip
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    if args.peak:
-        return peak_main(args.peak, args.flora_opt_path)
     sections = {"rng": lambda: bench_rng(args.reps), "memory": lambda: bench_memory(args),
                 "step": lambda: bench_step(args.reps)}  # fmt: skip
     rows: list[dict] = []

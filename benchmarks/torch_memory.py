@@ -13,7 +13,9 @@ import gc
 import json
 
 import torch
+from _optimizers import state_bytes
 from flora_torch import FloraAdam
+from training_peak import Meter
 
 TAU = 8
 PEAK_VARIANTS = (
@@ -22,22 +24,6 @@ PEAK_VARIANTS = (
     "FloraAdam accumulation_steps=8",
     "FloraAdam accumulation_steps=8 layerwise",
 )
-
-
-def _status(field: str) -> float:
-    """A ``/proc/self/status`` field in MiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise KeyError(field)
-
-
-def _state_mib(optimizer: torch.optim.Optimizer) -> float:
-    tensors = [
-        v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)
-    ]
-    return sum(t.untyped_storage().nbytes() for t in tensors) / 2**20
 
 
 def peak_main(variant: str, quick: bool) -> None:
@@ -64,13 +50,13 @@ def peak_main(variant: str, quick: bool) -> None:
 
     cycle()
     gc.collect()
-    before = _status("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM (the peak RSS) to the current RSS
+    meter = Meter("cpu")
+    before = meter.current() / 2**20
+    meter.reset_peak()
     cycle()
-    peak = _status("VmHWM")
+    peak = meter.peak() / 2**20
     print(json.dumps({
         "variant": variant, "params": sum(p.numel() for p in model.parameters()),
         "peak_delta_mib": peak - before, "peak_mib": peak, "before_mib": before,
-        "state_mib": _state_mib(optimizer),
+        "state_mib": state_bytes(optimizer) / 2**20,
     }))  # fmt: skip

@@ -150,9 +150,9 @@ def _decompressed(
 # drop each one as soon as it is used, and read float32 inputs without a copy. Inputs
 # and the arrays returned as state are never written: uncompressed, the direction
 # ``_decompressed(mu, None, ...)`` is the new ``mu`` itself, so it is only read. Adam
-# also decompresses the direction only after ĝ is gone, one full-size array fewer. Every
-# op keeps its operands and order (a * b == b * a and a + b == b + a bit for bit), so
-# the numbers are those of the plain expressions.
+# decompresses the direction only after ĝ is gone: at most two full-size temporaries
+# live at once. Every op keeps its operands and order (a * b == b * a and
+# a + b == b + a bit for bit), so the numbers are those of the plain expressions.
 
 
 def _one_minus_pow(b: float, t: Array | float, xp: Namespace) -> Array | float:
@@ -240,10 +240,10 @@ def flora_adam(
         nu_col = b2 * state["nu_col"] + (1.0 - b2) * xp.mean(sq, axis=0)
         del sq
         new_state.update(nu_row=nu_row, nu_col=nu_col)
-        outer = (
-            xp.reshape(nu_row, (-1, 1)) * xp.reshape(nu_col, (1, -1)) / xp.mean(nu_row)
-        )
+        outer = xp.reshape(nu_row, (-1, 1)) * xp.reshape(nu_col, (1, -1))
+        outer /= xp.mean(nu_row)
         nu = xp.reshape(outer, plan.shape)
+        del outer
     else:
         nu = g * g
         nu *= 1.0 - b2
@@ -251,12 +251,15 @@ def flora_adam(
         new_state["nu"] = nu
     del g  # NOTE [lean temporaries]
     t = _as_float(count, 1, xp)
-    denom = xp.sqrt(nu / _one_minus_pow(b2, t, xp))
+    denom = nu / _one_minus_pow(b2, t, xp)
     del nu
+    denom = xp.sqrt(denom)
     denom += config.eps
-    direction = _decompressed(mu, a, plan, xp)
-    step = direction / _one_minus_pow(config.b1, t, xp)
-    del direction
+    step = _decompressed(mu, a, plan, xp)  # the direction
+    if a is None:  # the new mu itself: read only
+        step = step / _one_minus_pow(config.b1, t, xp)
+    else:
+        step /= _one_minus_pow(config.b1, t, xp)
     step /= denom
     del denom
     if config.weight_decay:

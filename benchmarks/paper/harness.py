@@ -28,6 +28,7 @@ from multiprocessing import get_context
 
 import data
 import torch
+from _optimizers import state_bytes
 from flora_torch import FloraAdafactor, FloraAdam
 from model import GPT, add_lora, split_params
 
@@ -35,26 +36,6 @@ EVAL_EXAMPLES = 128
 # optax's default factors a matrix whose second-largest axis is >= 128 (the paper's
 # T5/GPT-2 widths are 512/768); at width 64 that would factor nothing, so scale it.
 MIN_FACTOR = 32
-
-
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of the distinct tensor storages in the optimizer state (and projectors)."""
-    seen, total = set(), 0
-    for state in optimizer.state.values():
-        values = list(state.values())
-        projector = state.get("projector")  # galore_torch keeps its P in an object
-        if (
-            projector is not None
-            and getattr(projector, "ortho_matrix", None) is not None
-        ):
-            values.append(projector.ortho_matrix)
-        for value in values:
-            if torch.is_tensor(value):
-                storage = value.untyped_storage()
-                if storage.data_ptr() not in seen:
-                    seen.add(storage.data_ptr())
-                    total += storage.nbytes()
-    return total
 
 
 def make_optimizer(cfg: dict, model: GPT) -> torch.optim.Optimizer:

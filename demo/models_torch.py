@@ -94,7 +94,7 @@ def train(args, name: str, data, progress) -> dict:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        curve.append(float(loss))
+        curve.append(loss.item())
     model.eval()
     with torch.no_grad():
         val = [

@@ -22,6 +22,7 @@ nox.options.sessions = [
     "tensorflow",
     "keras",
     "conformance",
+    "gpu_kernels",
 ]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = False

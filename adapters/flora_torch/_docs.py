@@ -51,3 +51,12 @@ STATE_DOC = """\
     ``flora_core.policy.DISTRIBUTIONS``, ``rng_version``). ``export_state()`` /
     ``import_state()`` move it to and from the framework-free npz form of
     ``flora_core.state`` (Optax, Keras)."""
+
+
+def interpolate(cls: type) -> type:
+    """Fill the shared placeholders of ``cls.__doc__`` (a class decorator)."""
+    if cls.__doc__ is not None:
+        cls.__doc__ = cls.__doc__.replace("    {flora_args}", FLORA_ARGS).replace(
+            "    {state_doc}", STATE_DOC
+        )
+    return cls

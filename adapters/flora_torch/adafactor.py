@@ -6,10 +6,11 @@ from typing import Any
 
 from flora_core import rules
 from flora_core.validation import check_nonnegative, check_positive_int
-from flora_torch._docs import FLORA_ARGS, STATE_DOC
+from flora_torch._docs import interpolate
 from flora_torch._optimizer import FloraOptimizer, check_flag
 
 
+@interpolate
 class FloraAdafactor(FloraOptimizer):
     """``optax.adafactor(momentum=β)`` with FLORA's compressed momentum, for torch.
 
@@ -124,10 +125,3 @@ class FloraAdafactor(FloraOptimizer):
             factored=check_flag("factored", group["factored"]),
             kappa=group["kappa"],
         )
-
-
-FloraAdafactor.__doc__ = (
-    (FloraAdafactor.__doc__ or "")
-    .replace("    {flora_args}", FLORA_ARGS)
-    .replace("    {state_doc}", STATE_DOC)
-)

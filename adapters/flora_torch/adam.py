@@ -6,10 +6,11 @@ from typing import Any
 
 from flora_core import rules
 from flora_core.validation import check_beta
-from flora_torch._docs import FLORA_ARGS, STATE_DOC
+from flora_torch._docs import interpolate
 from flora_torch._optimizer import FloraOptimizer, check_flag
 
 
+@interpolate
 class FloraAdam(FloraOptimizer):
     """AdamW with FLORA's compressed first moment, as a ``torch.optim.Optimizer``.
 
@@ -105,10 +106,3 @@ class FloraAdam(FloraOptimizer):
             factored=check_flag("factored", group["factored"]),
             second_moment=group["second_moment"],
         )
-
-
-FloraAdam.__doc__ = (
-    (FloraAdam.__doc__ or "")
-    .replace("    {flora_args}", FLORA_ARGS)
-    .replace("    {state_doc}", STATE_DOC)
-)

@@ -50,6 +50,7 @@ def flora_optimizer(problem: Problem) -> keras.optimizers.Optimizer:
             epsilon=config.eps,
             factored=config.factored,
             second_moment=config.second_moment,
+            transfer=config.transfer,
             weight_decay=config.weight_decay or None,
             **common,
         )
@@ -63,6 +64,8 @@ def flora_optimizer(problem: Problem) -> keras.optimizers.Optimizer:
         weight_decay_rate=config.weight_decay_rate,
         eps=config.eps,
         factored=config.factored,
+        transfer=config.transfer,
+        clip_after_momentum=config.clip_after_momentum,
         **common,
     )
 

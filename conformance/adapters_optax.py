@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from conformance.optax_reference import adafactor_official_order
 from conformance.problems import Problem
 from conformance.registry import AdapterEntry, Trajectory, register
 from flora_core import rules
@@ -31,10 +32,14 @@ def flora_transformation(problem: Problem) -> optax.GradientTransformation:
     if isinstance(config, rules.AdamConfig):
         tx = flora_optax.flora_adam(
             problem.lr, config.b1, config.b2, config.eps, config.weight_decay,
-            factored=config.factored, second_moment=config.second_moment, **flora,
+            factored=config.factored, second_moment=config.second_moment,
+            transfer=config.transfer, **flora,
         )  # fmt: skip
     else:
-        tx = flora_optax.flora_adafactor(**_adafactor_args(problem, config), **flora)
+        tx = flora_optax.flora_adafactor(
+            **_adafactor_args(problem, config), transfer=config.transfer,
+            clip_after_momentum=config.clip_after_momentum, **flora,
+        )  # fmt: skip
     if problem.accumulation_steps > 1:
         del flora["kappa"]
         tx = flora_optax.flora_multi_steps(tx, problem.accumulation_steps, **flora)
@@ -51,6 +56,8 @@ def reference_transformation(problem: Problem) -> optax.GradientTransformation:
                 weight_decay=config.weight_decay,
             )  # fmt: skip
         return optax.adam(problem.lr, config.b1, config.b2, config.eps)
+    if config.clip_after_momentum and config.momentum is not None:
+        return adafactor_official_order(problem.lr, config)
     return optax.adafactor(**_adafactor_args(problem, config))
 
 

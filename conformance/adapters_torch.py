@@ -40,7 +40,7 @@ def _optimizer(problem: Problem, params: list[torch.Tensor]) -> torch.optim.Opti
         return FloraAdam(
             params, lr=problem.lr, betas=(config.b1, config.b2), eps=config.eps,
             weight_decay=config.weight_decay, factored=config.factored,
-            second_moment=config.second_moment, **common,
+            second_moment=config.second_moment, transfer=config.transfer, **common,
         )  # fmt: skip
     return FloraAdafactor(
         params, lr=problem.lr, momentum=config.momentum, decay_rate=config.decay_rate,
@@ -49,7 +49,8 @@ def _optimizer(problem: Problem, params: list[torch.Tensor]) -> torch.optim.Opti
         clipping_threshold=config.clipping_threshold,
         multiply_by_parameter_scale=config.multiply_by_parameter_scale,
         weight_decay_rate=config.weight_decay_rate, eps=config.eps,
-        factored=config.factored, **common,
+        factored=config.factored, transfer=config.transfer,
+        clip_after_momentum=config.clip_after_momentum, **common,
     )  # fmt: skip
 
 
@@ -118,6 +119,8 @@ def supports(problem: Problem) -> bool:
     """Every problem; identity Adafactor only where transformers' rule coincides."""
     if problem.projection != "identity" or problem.rule == "adam":
         return True
+    if problem.clip_after_momentum:  # transformers clips before the momentum
+        return False
     if importlib.util.find_spec("transformers") is None:
         return False
     for shape in problem.shapes:  # both rules must average over the same two axes

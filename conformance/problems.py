@@ -39,6 +39,8 @@ class Problem:
     projection: str = "gaussian"
     factored: bool = False
     weight_decay: float = 0.0
+    transfer: str = rules.DEFAULT_TRANSFER
+    clip_after_momentum: bool = True
     shapes: tuple[tuple[int, ...], ...] = SHAPES
     data_seed: int = 0
     extra: dict = field(default_factory=dict)
@@ -69,10 +71,13 @@ class Problem:
     def config(self) -> rules.AdamConfig | rules.AdafactorConfig:
         if self.rule == "adam":
             return rules.AdamConfig(
-                kappa=self.kappa, factored=self.factored, weight_decay=self.weight_decay
-            )
+                kappa=self.kappa, factored=self.factored,
+                weight_decay=self.weight_decay, transfer=self.transfer,
+            )  # fmt: skip
         return rules.AdafactorConfig(
             kappa=self.kappa,
+            transfer=self.transfer,
+            clip_after_momentum=self.clip_after_momentum,
             factored=self.factored,
             min_dim_size_to_factor=self.extra.get("min_dim_size_to_factor", 16),
             weight_decay_rate=self.weight_decay or None,

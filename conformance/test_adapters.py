@@ -41,9 +41,22 @@ IDENTITY = {
     "adam_identity": Problem(
         "adam_identity", "adam", projection="identity", weight_decay=0.01
     ),
+    # the hosts' Adafactors clip before the momentum (optax's order)
     "adafactor_identity": Problem(
-        "adafactor_identity", "adafactor", projection="identity", factored=True
-    ),
+        "adafactor_identity",
+        "adafactor",
+        projection="identity",
+        factored=True,
+        clip_after_momentum=False,
+    ),  # fmt: skip
+    # optax's pieces in the official FLORA code's order (the default)
+    "adafactor_identity_official": Problem(
+        "adafactor_identity_official",
+        "adafactor",
+        projection="identity",
+        factored=True,
+        weight_decay=0.01,
+    ),  # fmt: skip
 }
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conformance.make_vectors import load_oracle
+from conformance.optax_reference import adafactor_official_order
 from conformance.problems import PROBLEMS, Problem, oracle
 from flora_core import policy, rules
 
@@ -52,8 +53,13 @@ ADAM_IDENTITY = Problem(
     "adam_identity", "adam", projection="identity", weight_decay=0.01
 )
 ADAFACTOR_IDENTITY = Problem(
-    "adafactor_identity", "adafactor", projection="identity", factored=True
-)
+    "adafactor_identity", "adafactor", projection="identity", factored=True,
+    clip_after_momentum=False,
+)  # fmt: skip
+ADAFACTOR_IDENTITY_OFFICIAL = Problem(
+    "adafactor_identity_official", "adafactor", projection="identity", factored=True,
+    weight_decay=0.01,
+)  # fmt: skip
 
 
 def test_identity_adam_equals_textbook_adamw():
@@ -78,7 +84,9 @@ def test_identity_adam_equals_torch_adamw():
 
 
 @pytest.mark.parametrize(
-    "problem", [ADAM_IDENTITY, ADAFACTOR_IDENTITY], ids=lambda p: p.name
+    "problem",
+    [ADAM_IDENTITY, ADAFACTOR_IDENTITY, ADAFACTOR_IDENTITY_OFFICIAL],
+    ids=lambda p: p.name,
 )
 def test_identity_equals_optax(problem):
     if importlib.util.find_spec("optax") is None:
@@ -88,6 +96,8 @@ def test_identity_equals_optax(problem):
 
     if problem.rule == "adam":
         tx = optax.adamw(problem.lr, weight_decay=problem.weight_decay)
+    elif problem.clip_after_momentum:
+        tx = adafactor_official_order(problem.lr, problem.config())
     else:
         tx = optax.adafactor(problem.lr, momentum=0.9, min_dim_size_to_factor=16)
     params = [jnp.asarray(p) for p in problem.initial_params()]
@@ -102,7 +112,7 @@ def test_identity_equals_optax(problem):
 
 @pytest.mark.parametrize("rank", [4, None], ids=["compressed", "uncompressed"])
 @pytest.mark.parametrize("factored", [False, True], ids=["full_nu", "factored"])
-@pytest.mark.parametrize("rule", ["adam", "adafactor"])
+@pytest.mark.parametrize("rule", ["adam", "adafactor", "adafactor_optax_order"])
 def test_rules_never_mutate_inputs(rule, factored, rank):
     """Read-only numpy inputs and states: any in-place write would raise.
 
@@ -116,9 +126,10 @@ def test_rules_never_mutate_inputs(rule, factored, rank):
         rules.AdamConfig(kappa=1, weight_decay=0.1, factored=factored)
         if rule == "adam"
         else rules.AdafactorConfig(
-            kappa=1, factored=factored, min_dim_size_to_factor=8, weight_decay_rate=0.1
+            kappa=1, factored=factored, min_dim_size_to_factor=8, weight_decay_rate=0.1,
+            clip_after_momentum=rule == "adafactor",
         )
-    )
+    )  # fmt: skip
     init = rules.flora_adam_init if rule == "adam" else rules.flora_adafactor_init
     step = rules.flora_adam if rule == "adam" else rules.flora_adafactor
     state = init(plan, config, xp=xp)

@@ -2,8 +2,8 @@
 
 With ``t`` updates applied so far and resample index ``i = t // κ``:
 when ``t > 0`` and ``t % κ == 0`` the moment moves from ``A_{i-1}`` to ``A_i``
-(see NOTE [momentum transfer]); then ``M <- β M + (1 - β) compress(U, A_i)`` and the
-direction is ``decompress(M, A_i)``.
+(see NOTE [momentum transfer] and NOTE [transfer rules]); then
+``M <- β M + (1 - β) compress(U, A_i)`` and the direction is ``decompress(M, A_i)``.
 
 ``count`` may be a Python int (eager adapters: the transfer is a Python branch) or an
 integer array (traced code: the transfer is gated with ``where``, never a branch).
@@ -25,6 +25,7 @@ from flora_core.projection import (
     decompress,
     projection,
     transfer,
+    transfer_scale,
 )
 
 
@@ -33,12 +34,21 @@ def resample_index(count: Array | int, kappa: int) -> Array | int:
     return count // kappa
 
 
+def starts_interval(count: Array | int, kappa: int) -> Array | bool:
+    """Whether update ``t`` is the first on a new projection (``t > 0``, ``t % κ == 0``):
+    a Python bool for an int ``t``, a boolean array for a traced one."""
+    if isinstance(count, int):
+        return count > 0 and count % kappa == 0
+    return (count > 0) & (count % kappa == 0)
+
+
 def _transferred(
     mu: Array,
     count: Array | int,
     kappa: int,
     a_new: Any,
     plan: CompressionPlan,
+    transfer_rule: str,
     xp: Namespace,
     device: Any,
 ) -> Array:
@@ -46,17 +56,16 @@ def _transferred(
     if a_new is None:
         return mu
     index = resample_index(count, kappa)
-    if isinstance(count, int):
-        if count == 0 or count % kappa:
-            return mu
-        a_old = projection(plan, index - 1, ROLE_MOMENTUM, xp=xp, device=device)
-        return transfer(mu, a_old, a_new, plan.axis, xp=xp)  # type: ignore[arg-type]
-    starts_interval = (count > 0) & (count % kappa == 0)
+    scale = transfer_scale(plan, transfer_rule)
 
     def moved(m: Array) -> Array:
         # Traced: index - 1 wraps to 2**32 - 1 at t = 0, a harmless draw that is masked.
         a_old = projection(plan, index - 1, ROLE_MOMENTUM, xp=xp, device=device)
-        return transfer(m, a_old, a_new, plan.axis, xp=xp)  # type: ignore[arg-type]
+        return transfer(m, a_old, a_new, plan.axis, xp=xp, scale=scale)  # type: ignore[arg-type]
+
+    starts = starts_interval(count, kappa)
+    if isinstance(starts, bool):
+        return moved(mu) if starts else mu
 
     if backend_name(xp) == "jax":
         # NOTE [transfer cond]: the transfer runs once every κ steps; under jax.jit a
@@ -65,8 +74,8 @@ def _transferred(
         # FloraAdam step on CPU).
         from jax import lax
 
-        return lax.cond(starts_interval, moved, lambda m: m, mu)
-    return xp.where(starts_interval, moved(mu), mu)
+        return lax.cond(starts, moved, lambda m: m, mu)
+    return xp.where(starts, moved(mu), mu)
 
 
 def momentum_step(
@@ -79,6 +88,7 @@ def momentum_step(
     plan: CompressionPlan,
     xp: Namespace,
     device: Any = None,
+    transfer: str = "paper",
 ) -> tuple[Array, Projection, Array]:
     """One step of compressed EMA, not yet decompressed.
 
@@ -90,6 +100,8 @@ def momentum_step(
         beta: EMA decay.
         kappa: resampling interval κ.
         plan: the parameter's compression plan.
+        transfer: how the moment moves to a new projection, one of
+            ``projection.TRANSFERS`` (NOTE [transfer rules]).
 
     Returns:
         ``(new_mu, a, compressed)``: the new moment, the projection ``A_i`` it lives
@@ -100,7 +112,7 @@ def momentum_step(
     a = projection(
         plan, resample_index(count, kappa), ROLE_MOMENTUM, xp=xp, device=device
     )
-    mu = _transferred(mu, count, kappa, a, plan, xp, device)
+    mu = _transferred(mu, count, kappa, a, plan, transfer, xp, device)
     compressed = compress(update, a, plan.axis, xp=xp)
     return beta * mu + (1.0 - beta) * compressed, a, compressed
 
@@ -115,9 +127,11 @@ def momentum_update(
     plan: CompressionPlan,
     xp: Namespace,
     device: Any = None,
+    transfer: str = "paper",
 ) -> tuple[Array, Array]:
     """``momentum_step`` and the direction: ``(new_mu, decompress(new_mu, A_i))``."""
     new_mu, a, _ = momentum_step(
-        mu, update, count, beta=beta, kappa=kappa, plan=plan, xp=xp, device=device
-    )
+        mu, update, count, beta=beta, kappa=kappa, plan=plan, xp=xp, device=device,
+        transfer=transfer,
+    )  # fmt: skip
     return new_mu, decompress(new_mu, a, plan.axis, xp=xp)

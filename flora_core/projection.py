@@ -19,6 +19,7 @@ from flora_core._xp import Array, Namespace
 from flora_core.policy import CompressionPlan
 
 Projection = Array | None  # None stands for the identity
+TRANSFERS = ("paper", "norm", "least_squares")
 
 
 def projection(
@@ -79,16 +80,78 @@ def decompress(c: Array, a: Projection, axis: int | None, *, xp: Namespace) -> A
     return xp.matmul(xp.matrix_transpose(a), c)
 
 
+def check_transfer(transfer: object) -> str:
+    if transfer not in TRANSFERS:
+        raise ValueError(
+            f"Invalid transfer: {transfer!r} (expected one of {TRANSFERS})"
+        )
+    return transfer  # type: ignore[return-value]
+
+
+def transfer_gain(plan: CompressionPlan) -> float:
+    """``γ = E‖X A_newᵀ A_new‖² / ‖X‖²`` for a fixed ``X`` and a fresh projection.
+
+    ``1 + (d + 1) / r`` for gaussian and ``1 + (d - 1) / r`` for rademacher entries
+    (the diagonal of ``AᵀA`` is exactly 1 there); 1 for the identity.
+    """
+    if plan.rank is None or plan.distribution == "identity":
+        return 1.0
+    d, r = plan.dim, plan.rank
+    return 1.0 + (d + (1 if plan.distribution == "gaussian" else -1)) / r
+
+
+def transfer_scale(plan: CompressionPlan, transfer: str) -> float:
+    """The factor ``c`` of ``C <- c · C (A_old A_newᵀ)`` for a transfer rule.
+
+    NOTE [transfer rules]: with ``X`` the decompressed moment and ``γ`` of
+    :func:`transfer_gain`, the moved moment ``c X A_newᵀ A_new`` has expected squared
+    norm ``c² γ ‖X‖²`` and relative error ``E‖c X A_newᵀA_new - X‖² / ‖X‖² =
+    c² γ - 2c + 1``:
+
+    =================  ============  ==================  ==========================
+    rule               c             norm gain           error (d/r = 16, gaussian)
+    =================  ============  ==================  ==========================
+    ``paper``          1             ``sqrt(γ)`` (4.1)   ``γ - 1`` (16.1)
+    ``norm``           ``1/sqrt(γ)``  1                   ``2 - 2/sqrt(γ)`` (1.52)
+    ``least_squares``  ``1/γ``       ``1/sqrt(γ)``       ``1 - 1/γ`` (0.94)
+    =================  ============  ==================  ==========================
+
+    Dropping the moment (``c = 0``) has error 1. ``paper`` is Algorithm 2 as
+    printed: unbiased, but each transfer multiplies the moment's norm by
+    ``sqrt(γ) ≈ sqrt(d/r)``, so it is only safe when the moment decays between
+    transfers (``β^κ · sqrt(γ) << 1``). ``least_squares`` is the ``c`` of least
+    expected error (about the pseudo-inverse transfer ``A_old A_newᵀ (A_new
+    A_newᵀ)⁻¹``, since ``A Aᵀ ≈ (d/r) I``).
+    """
+    gain = transfer_gain(plan)
+    if transfer == "paper":
+        return 1.0
+    if transfer == "norm":
+        return 1.0 / math.sqrt(gain)
+    if transfer == "least_squares":
+        return 1.0 / gain
+    raise ValueError(f"Invalid transfer: {transfer!r} (expected one of {TRANSFERS})")
+
+
 def transfer(
-    c: Array, a_old: Projection, a_new: Projection, axis: int, *, xp: Namespace
+    c: Array,
+    a_old: Projection,
+    a_new: Projection,
+    axis: int,
+    *,
+    xp: Namespace,
+    scale: float = 1.0,
 ) -> Array:
     """Move a compressed state from ``a_old`` to ``a_new`` in ``r x r`` space.
 
     NOTE [momentum transfer]: old projection up, new projection down; the ``r x r``
-    product is formed first, so nothing of full size is built.
+    product (times ``scale``, see NOTE [transfer rules]) is formed first, so nothing
+    of full size is built.
     """
     if a_old is None or a_new is None:
         return c
     if axis == 1:
-        return xp.matmul(c, xp.matmul(a_old, xp.matrix_transpose(a_new)))
-    return xp.matmul(xp.matmul(a_new, xp.matrix_transpose(a_old)), c)
+        bridge = xp.matmul(a_old, xp.matrix_transpose(a_new))
+        return xp.matmul(c, bridge if scale == 1.0 else bridge * scale)
+    bridge = xp.matmul(a_new, xp.matrix_transpose(a_old))
+    return xp.matmul(bridge if scale == 1.0 else bridge * scale, c)

@@ -32,6 +32,7 @@ import keras
 from keras import ops
 
 from flora_core import _xp, accumulation, policy, rng
+from flora_core.projection import check_transfer
 from flora_core.validation import check_lr, check_positive_int
 
 
@@ -54,6 +55,7 @@ class FloraOptimizer(keras.optimizers.Optimizer):
         *,
         rank: int | str | None,
         kappa: int,
+        transfer: str,
         seed: int,
         projection: str,
         accumulation_steps: int | None,
@@ -71,12 +73,14 @@ class FloraOptimizer(keras.optimizers.Optimizer):
         check_lr(learning_rate)
         policy.check_rank(rank)
         check_positive_int("kappa", kappa)
+        check_transfer(transfer)
         rng.check_seed(seed)
         policy.check_distribution(projection)
         _check_accumulation_steps(accumulation_steps)
         super().__init__(learning_rate=learning_rate, **kwargs)
         self.rank = rank
         self.kappa = kappa
+        self.transfer = transfer
         self.seed = int(seed)
         self.projection = projection
         self.accumulation_steps = accumulation_steps
@@ -237,6 +241,7 @@ class FloraOptimizer(keras.optimizers.Optimizer):
             {
                 "rank": self.rank,
                 "kappa": self.kappa,
+                "transfer": self.transfer,
                 "seed": self.seed,
                 "projection": self.projection,
                 "accumulation_steps": self.accumulation_steps,

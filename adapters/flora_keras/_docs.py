@@ -17,6 +17,12 @@ FLORA_ARGS = """rank: `"auto"` (default), `None` or an int `r >= 1`. Which weigh
         kappa: int >= 1, default 1000. The random projection of the momentum is
             redrawn every `kappa` updates and the momentum transferred onto it
             (FLORA Algorithm 2).
+        transfer: `"least_squares"` (default), `"norm"` or `"paper"`: how the
+            momentum moves onto a new projection. `"least_squares"` scales it by
+            `1/γ`, `γ = 1 + (d+1)/r` (the least expected error; stable at any
+            `kappa`), `"norm"` by `1/sqrt(γ)` (keeps its norm), `"paper"` not at all
+            (Algorithm 2 as printed: each transfer multiplies the norm by about
+            `sqrt(d/r)`; stable only while `beta**kappa * sqrt(d/r) << 1`).
         seed: int in `[0, 2**64)`, default 0. With the position of a weight in the
             variable list the optimizer is built with, it determines every
             projection (FLORA-RNG v1): two optimizers with the same seed, given

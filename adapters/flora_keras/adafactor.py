@@ -19,16 +19,20 @@ from flora_keras.adam import check_bool
 class FloraAdafactor(FloraOptimizer):
     """Adafactor with momentum (the FLORA paper's setting), momentum compressed.
 
-    Exactly `optax.adafactor(..., momentum=momentum)` with the momentum EMA replaced
-    by FLORA's compressed one (Algorithm 2), per weight `w` with gradient `g` at
-    update `t` (counted from 1):
+    The pieces of `optax.adafactor(..., momentum=momentum)` with the momentum EMA
+    replaced by FLORA's compressed one (Algorithm 2), in the official FLORA code's
+    order, per weight `w` with gradient `g` at update `t` (counted from 1):
 
         decay = 1 - (t - decay_offset) ** -decay_rate
         v <- decay * v + (1 - decay) * (g**2 + eps)   # factored: row and column
-        u = g / sqrt(v);  u <- u / max(1, rms(u) / clipping_threshold)
-        u <- lr * u * max(rms(w), 1e-3)               # multiply_by_parameter_scale
+        u = g / sqrt(v)
         M <- momentum * M + (1 - momentum) * compress(u, A_i);  u = decompress(M)
+        u <- u / max(1, rms(u) / clipping_threshold)
+        u <- lr * u * max(rms(w), 1e-3)               # multiply_by_parameter_scale
         w <- w - u - weight_decay_rate * w
+
+    (`clip_after_momentum=False`: the momentum line moves after the scaling, which
+    is exactly `optax.adafactor`'s order.)
 
     with the projection `A_i` redrawn every `kappa` updates and `M` transferred.
     With `factored=True` (the default) the second moment of a matrix is its row
@@ -54,6 +58,12 @@ class FloraAdafactor(FloraOptimizer):
             `weight_decay` is not accepted. Honors `exclude_from_weight_decay`.
         eps: float >= 0, default 1e-30, added to `g**2`.
         factored: bool, default True: factor the second moment of matrices.
+        clip_after_momentum: bool, default True (the official FLORA code's
+            order): the momentum is taken right after the RMS scaling, then
+            clipped and scaled, so every update is bounded by the threshold.
+            False: optax.adafactor's order (clip and scale, then momentum), where
+            the decompressed momentum is unbounded (about `sqrt(d/r)` larger); with
+            `projection="identity"` it equals `optax.adafactor`.
         {{flora_args}}
         {{base_optimizer_keyword_args}}
 
@@ -89,8 +99,10 @@ class FloraAdafactor(FloraOptimizer):
         weight_decay_rate: float | None = None,
         eps: float = 1e-30,
         factored: bool = True,
+        clip_after_momentum: bool = True,
         rank: int | str | None = "auto",
         kappa: int = 1000,
+        transfer: str = rules.DEFAULT_TRANSFER,
         seed: int = 0,
         projection: str = "gaussian",
         accumulation_steps: int | None = None,
@@ -117,11 +129,14 @@ class FloraAdafactor(FloraOptimizer):
             eps=eps,
             factored=factored,
             kappa=kappa,
+            transfer=transfer,
+            clip_after_momentum=clip_after_momentum,
         )
         super().__init__(
             learning_rate,
             rank=rank,
             kappa=kappa,
+            transfer=transfer,
             seed=seed,
             projection=projection,
             accumulation_steps=accumulation_steps,
@@ -136,6 +151,7 @@ class FloraAdafactor(FloraOptimizer):
         self.weight_decay_rate = weight_decay_rate
         self.eps = eps
         self.factored = factored
+        self.clip_after_momentum = clip_after_momentum
         self._config = config
 
     def _config_for(self, variable: Any) -> rules.AdafactorConfig:
@@ -156,6 +172,7 @@ class FloraAdafactor(FloraOptimizer):
                 "weight_decay_rate": self.weight_decay_rate,
                 "eps": self.eps,
                 "factored": self.factored,
+                "clip_after_momentum": self.clip_after_momentum,
             }
         )
         return config

@@ -36,7 +36,9 @@ class FloraAdam(FloraOptimizer):
                        + weight_decay * w)
 
     and at every `t = kappa, 2 kappa, ...` the momentum is transferred from
-    `A_{i-1}` to `A_i` in `r x r` space. Weights that are not compressed (biases,
+    `A_{i-1}` to `A_i` in `r x r` space (by `transfer`) and the projected `v` is
+    levelled along the compressed axis (NOTE [second moment at a resample] in
+    `flora_core.rules`). Weights that are not compressed (biases,
     small matrices) get exactly AdamW. `factored=True` replaces `v` by Adafactor's
     row and column statistics, which makes the whole state sublinear. The math is
     `flora_core.rules.flora_adam` (see its NOTE [projected second moment]: `v` of
@@ -92,6 +94,7 @@ class FloraAdam(FloraOptimizer):
         *,
         rank: int | str | None = "auto",
         kappa: int = 1000,
+        transfer: str = rules.DEFAULT_TRANSFER,
         seed: int = 0,
         factored: bool = False,
         second_moment: str = "projected",
@@ -114,11 +117,13 @@ class FloraAdam(FloraOptimizer):
             kappa=kappa,
             factored=factored,
             second_moment=second_moment,
+            transfer=transfer,
         )
         super().__init__(
             learning_rate,
             rank=rank,
             kappa=kappa,
+            transfer=transfer,
             seed=seed,
             projection=projection,
             accumulation_steps=accumulation_steps,

@@ -28,7 +28,14 @@ rank: ``"auto"`` (default: ``r = min(256, d // 4)`` for a compressed axis of
             params. Default: the leaf's position in that order.""",
     "kappa_arg": """\
 kappa: resample the projection every ``kappa`` updates; the moment is
-            transferred to the new projection in ``r x r`` space.""",
+            transferred to the new projection in ``r x r`` space.
+        transfer: how the moment moves onto a new projection:
+            ``"least_squares"`` (default: scaled by ``1/γ``, ``γ = 1 + (d+1)/r``,
+            the least expected error, stable at any ``kappa``), ``"norm"``
+            (scaled by ``1/sqrt(γ)``: keeps the moment's norm) or ``"paper"``
+            (Algorithm 2 as printed: each transfer multiplies the moment's norm by
+            about ``sqrt(d/r)``; stable only while ``b^kappa sqrt(d/r) << 1``).
+            See NOTE [transfer rules] in ``flora_core.projection``.""",
     "streams": """\
 Stream ids: leaf ``i`` of the params in ``jax.tree_util`` flatten order (the order
     of ``jax.tree.leaves(params)``) draws its projections from stream

@@ -6,6 +6,7 @@ from typing import Any
 
 import optax
 
+from flora_core import rules
 from flora_optax import _common, _docs, _rule
 
 
@@ -22,6 +23,7 @@ def flora_adam(
     seed: int = 0,
     factored: bool = False,
     second_moment: str = "projected",
+    transfer: str = rules.DEFAULT_TRANSFER,
     projection: str = "gaussian",
     axis: int | None = None,
     param_indices: Any = None,
@@ -85,7 +87,7 @@ def flora_adam(
     _common.check_learning_rate(learning_rate)
     hyper = dict(
         b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, kappa=kappa, factored=factored,
-        second_moment=second_moment,
+        second_moment=second_moment, transfer=transfer,
     )  # fmt: skip
     structure = _common.Structure.checked(rank, seed, projection, axis, param_indices)
     return _rule.transformation(_rule.ADAM, learning_rate, hyper, structure, mask)
@@ -104,6 +106,8 @@ def flora_adafactor(
     eps: float = 1e-30,
     factored: bool = True,
     *,
+    clip_after_momentum: bool = True,
+    transfer: str = rules.DEFAULT_TRANSFER,
     rank: int | str | None = "auto",
     kappa: int = 1000,
     seed: int = 0,
@@ -114,12 +118,14 @@ def flora_adafactor(
 ) -> optax.GradientTransformationExtraArgs:
     """FloraAdafactor: ``optax.adafactor(momentum=...)`` with FLORA's compressed EMA.
 
-    The chain of ``optax.adafactor`` (the paper's setting): factored RMS scaling
-    (``decay = 1 - (t + 1 - decay_offset)^-decay_rate``), block-RMS clipping, the
-    learning rate, optional parameter scaling, then the momentum EMA, weight decay
-    and the sign flip; the EMA is FLORA's compressed momentum (Algorithm 2, resampled
-    every ``kappa`` updates with transfer). ``momentum=None`` keeps no first moment
-    (plain Adafactor); with ``projection="identity"`` this equals
+    The pieces of ``optax.adafactor`` (the paper's setting): factored RMS scaling
+    (``decay = 1 - (t + 1 - decay_offset)^-decay_rate``), the momentum EMA
+    (FLORA's compressed momentum, Algorithm 2, resampled every ``kappa`` updates
+    with transfer), block-RMS clipping, the learning rate, optional parameter
+    scaling, weight decay and the sign flip. That is the official FLORA code's order;
+    ``clip_after_momentum=False`` moves the EMA after the parameter scaling, as in
+    ``optax.adafactor``. ``momentum=None`` keeps no first moment (plain Adafactor);
+    with ``projection="identity"`` and ``clip_after_momentum=False`` this equals
     ``optax.adafactor(momentum=momentum)``.
 
     {streams}
@@ -139,6 +145,13 @@ def flora_adafactor(
         weight_decay_rate: decoupled weight decay added after the momentum, or None.
         eps: regularizer of the squared gradient.
         factored: factor the second moment of matrices.
+        clip_after_momentum: True (default; the official FLORA code's order): the
+            momentum is taken right after the RMS scaling, then clipped and scaled,
+            so every update is bounded by the clipping threshold. False:
+            ``optax.adafactor``'s order (clip and scale, then momentum), where the
+            decompressed momentum is unbounded (about ``sqrt(d/r)`` larger); with
+            ``projection="identity"`` it equals ``optax.adafactor``. See NOTE
+            [clip order] in ``flora_core.rules``.
         {flora_args}
         {kappa_arg}
         weight_decay_mask: which leaves get weight decay (pytree of bools or callable).
@@ -168,6 +181,7 @@ def flora_adafactor(
         clipping_threshold=clipping_threshold,
         multiply_by_parameter_scale=multiply_by_parameter_scale,
         weight_decay_rate=weight_decay_rate, eps=eps, factored=factored, kappa=kappa,
+        transfer=transfer, clip_after_momentum=clip_after_momentum,
     )  # fmt: skip
     structure = _common.Structure.checked(rank, seed, projection, axis, param_indices)
     return _rule.transformation(

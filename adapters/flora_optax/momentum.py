@@ -11,6 +11,7 @@ import optax
 
 from flora_core import rules
 from flora_core.momentum import momentum_update
+from flora_core.projection import check_transfer
 from flora_core.validation import check_beta, check_gradient, check_positive_int
 from flora_optax import _common, _docs
 from flora_optax._common import FloraSpec
@@ -22,10 +23,12 @@ class MomentumConfig:
 
     b1: float = 0.9
     kappa: int = 1000
+    transfer: str = rules.DEFAULT_TRANSFER
 
     def __post_init__(self) -> None:
         check_beta("b1", self.b1)
         check_positive_int("kappa", self.kappa)
+        check_transfer(self.transfer)
 
 
 class FloraMomentumState(NamedTuple):
@@ -48,6 +51,7 @@ def scale_by_flora_momentum(
     *,
     rank: int | str | None = "auto",
     kappa: int = 1000,
+    transfer: str = rules.DEFAULT_TRANSFER,
     seed: int = 0,
     projection: str = "gaussian",
     axis: int | None = None,
@@ -92,7 +96,7 @@ def scale_by_flora_momentum(
     References:
         {references}
     """
-    hyper = dict(b1=b1, kappa=kappa)
+    hyper = dict(b1=b1, kappa=kappa, transfer=transfer)
     known = _common.known_hyperparameters(MomentumConfig, **hyper)
     structure = _common.Structure.checked(rank, seed, projection, axis, param_indices)
 
@@ -131,7 +135,7 @@ def scale_by_flora_momentum(
                 view = jnp.reshape(view, plan.matrix_shape)
             moment, direction = momentum_update(
                 moment, view, state.count, beta=config.b1, kappa=config.kappa,
-                plan=plan, xp=jnp,
+                plan=plan, xp=jnp, transfer=config.transfer,
             )  # fmt: skip
             out.append(jnp.reshape(direction, plan.shape).astype(grad.dtype))
             mu.append(moment)

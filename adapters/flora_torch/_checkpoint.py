@@ -126,6 +126,13 @@ class CheckpointMixin:
         for pid, (p, _) in zip(saved_ids, ordered, strict=True):
             if pid in saved_states:  # NOTE [float32 state on load]
                 self.state[p] = self._installed(p, saved_states[pid])
+        self._resume_cycle()
+
+    def _resume_cycle(self) -> None:
+        """The cycle's micro-batch count (NOTE [accumulation divisor]) after a load."""
+        self._cycle_micro_steps = max(
+            (s.get("micro_step", 0) for s in self.state.values()), default=0
+        )
 
     def export_state(self) -> dict[str, np.ndarray]:
         """The state in the portable form of ``flora_core.state`` (npz / safetensors).
@@ -152,6 +159,7 @@ class CheckpointMixin:
             self._fields_check(p, fields, config)
         for (p, _), fields in zip(ordered, arrays, strict=True):
             self.state[p] = self._installed(p, fields)
+        self._resume_cycle()
 
     def all_reduce_accumulators(self, group: Any = None) -> None:
         """Average the compressed accumulators over the ranks of ``group``.

@@ -9,6 +9,13 @@ FLORA_ARGS = """\
             parameters are never compressed. Decided by ``flora_core.policy.plan``.
         kappa: resample the momentum projection every ``kappa`` updates (κ), moving
             the compressed moment onto the new projection in ``r x r`` space.
+        transfer: how the moment moves onto a new projection:
+            ``"least_squares"`` (default: scaled by ``1/γ``, ``γ = 1 + (d+1)/r``,
+            the least expected error, stable at any κ), ``"norm"`` (scaled by
+            ``1/sqrt(γ)``: keeps the moment's norm) or ``"paper"`` (Algorithm 2 as
+            printed: unscaled, so each transfer multiplies the moment's norm by
+            about ``sqrt(d/r)``; stable only while ``β^κ · sqrt(d/r) << 1``). See
+            NOTE [transfer rules] in ``flora_core.projection``.
         seed: uint64 seed of the projections. The RNG stream of a parameter is its
             position among all parameters given to the optimizer (param_groups
             order, groups added later continue the count), so two optimizers given

@@ -89,11 +89,22 @@ class HooksMixin:
     def _take_accumulated(
         self, p: torch.Tensor, state: dict, inv_scale: float | None
     ) -> torch.Tensor:
-        """The cycle's mean gradient ``decompress(acc) / n``; resets ``acc``."""
+        """The cycle's mean gradient ``decompress(acc) / n``; resets ``acc``.
+
+        NOTE [accumulation divisor]: ``n`` is the number of micro-batches in the
+        cycle (backward passes since the last update, counted over all parameters:
+        τ for a full cycle), never the parameter's own count. A parameter that got
+        a gradient in only some micro-batches (a mixture-of-experts expert, a
+        conditional branch) receives the cycle's mean, ``sum / τ``, as Algorithm 1,
+        ``flora_multi_steps`` and Keras do. A short cycle (``step()`` after
+        ``n < τ`` backward passes, e.g. the end of an epoch in HF ``Trainer``)
+        divides by its ``n``: the mean of the micro-batches it has.
+        """
+        micro_batches = max(self._cycle_micro_steps, state["micro_step"])
         acc = state["acc"] if inv_scale is None else state["acc"] * inv_scale
         with distributed.sharded_context(p):
             grad = accumulation.accumulated_gradient(
-                acc, state["count"], state["micro_step"], plan=self._plans[p], xp=XP,
+                acc, state["count"], micro_batches, plan=self._plans[p], xp=XP,
                 device=p.device,
             )  # fmt: skip
         _reset(state)

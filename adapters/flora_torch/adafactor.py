@@ -18,14 +18,18 @@ class FloraAdafactor(FloraOptimizer):
 
         ρ_t = 1 - (t + 1 - decay_offset) ** -decay_rate
         v   <- ρ_t v + (1 - ρ_t) (g² + eps)      (factored: row and column means)
-        u   = g / sqrt(v̂);  u <- u / max(1, rms(u) / clipping_threshold)
-        u   <- lr u · max(rms(p), 1e-3)          (multiply_by_parameter_scale)
+        u   = g / sqrt(v̂)
         M   <- β M + (1 - β) compress(u, A_i);  u = decompress(M, A_i)
+        u   <- u / max(1, rms(u) / clipping_threshold)
+        u   <- lr u · max(rms(p), 1e-3)          (multiply_by_parameter_scale)
         p   <- p - (u + weight_decay_rate p)
+
+    (``clip_after_momentum=False``: the momentum line moves after the scaling, as in
+    ``optax.adafactor``.)
 
     ``A_i`` (``r x d``) is resampled every κ updates (``i = t // κ``) with the moment
     moved onto the new projection. Parameters that are not compressed get exactly
-    Adafactor with momentum (as optax; note that optax's weight decay, unlike
+    Adafactor with momentum (in the chosen order; optax's weight decay, unlike
     ``transformers.Adafactor``'s, is not multiplied by the learning rate). The math
     is ``flora_core.rules.flora_adafactor``.
 
@@ -45,6 +49,14 @@ class FloraAdafactor(FloraOptimizer):
         weight_decay_rate: decoupled weight decay added to the update (None: off).
         eps: added to ``g²``.
         factored: use the factored second moment (Adafactor).
+        clip_after_momentum: True (default; the official FLORA code's order): the
+            momentum is taken of the RMS-scaled update ``g / sqrt(v̂)``, then
+            clipped and scaled by ``lr`` and the parameter scale, so every update
+            is bounded by ``clipping_threshold · lr · scale``. False:
+            ``optax.adafactor``'s order (clip, scale, then momentum), where the
+            decompressed momentum is unbounded (about ``sqrt(d/r)`` larger); with
+            ``projection="identity"`` it reproduces ``optax.adafactor`` exactly.
+            See NOTE [clip order] in ``flora_core.rules``.
     {flora_args}
 
     {state_doc}
@@ -82,6 +94,8 @@ class FloraAdafactor(FloraOptimizer):
         weight_decay_rate: float | None = None,
         eps: float = 1e-30,
         factored: bool = True,
+        clip_after_momentum: bool = True,
+        transfer: str = rules.DEFAULT_TRANSFER,
         rank: int | str | None = "auto",
         kappa: int = 1000,
         seed: int = 0,
@@ -95,7 +109,8 @@ class FloraAdafactor(FloraOptimizer):
             min_dim_size_to_factor=min_dim_size_to_factor,
             clipping_threshold=clipping_threshold,
             multiply_by_parameter_scale=multiply_by_parameter_scale,
-            weight_decay_rate=weight_decay_rate, eps=eps, factored=factored, rank=rank,
+            weight_decay_rate=weight_decay_rate, eps=eps, factored=factored,
+            clip_after_momentum=clip_after_momentum, transfer=transfer, rank=rank,
             kappa=kappa, seed=seed, projection=projection, axis=axis,
         )  # fmt: skip
         super().__init__(
@@ -124,4 +139,8 @@ class FloraAdafactor(FloraOptimizer):
             eps=group["eps"],
             factored=check_flag("factored", group["factored"]),
             kappa=group["kappa"],
+            transfer=group["transfer"],
+            clip_after_momentum=check_flag(
+                "clip_after_momentum", group["clip_after_momentum"]
+            ),
         )

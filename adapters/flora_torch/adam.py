@@ -23,7 +23,10 @@ class FloraAdam(FloraOptimizer):
         p <- p - lr (decompress(M, A_i) / (1 - β1^t) / (sqrt(v / (1 - β2^t)) + eps)
                      + weight_decay p)
 
-    Parameters that are not compressed get exactly AdamW (decoupled weight decay);
+    At a resample the moment moves by ``transfer`` and the projected ``v`` is
+    levelled along the compressed axis (NOTE [second moment at a resample] in
+    ``flora_core.rules``). Parameters that are not compressed get exactly AdamW
+    (decoupled weight decay);
     ``projection="identity"`` gives AdamW for every parameter. The math is
     ``flora_core.rules.flora_adam``.
 
@@ -77,6 +80,7 @@ class FloraAdam(FloraOptimizer):
         seed: int = 0,
         factored: bool = False,
         second_moment: str = "projected",
+        transfer: str = rules.DEFAULT_TRANSFER,
         projection: str = "gaussian",
         axis: int | None = None,
         accumulation_steps: int = 1,
@@ -85,7 +89,7 @@ class FloraAdam(FloraOptimizer):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
             kappa=kappa, seed=seed, factored=factored, second_moment=second_moment,
-            projection=projection, axis=axis,
+            transfer=transfer, projection=projection, axis=axis,
         )  # fmt: skip
         super().__init__(
             params, defaults, accumulation_steps=accumulation_steps, layerwise=layerwise
@@ -105,4 +109,5 @@ class FloraAdam(FloraOptimizer):
             kappa=group["kappa"],
             factored=check_flag("factored", group["factored"]),
             second_moment=group["second_moment"],
+            transfer=group["transfer"],
         )

@@ -19,6 +19,7 @@ moments, accumulators; GaLore's projection matrices too), measured after trainin
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -36,6 +37,11 @@ EVAL_EXAMPLES = 128
 # optax's default factors a matrix whose second-largest axis is >= 128 (the paper's
 # T5/GPT-2 widths are 512/768); at width 64 that would factor nothing, so scale it.
 MIN_FACTOR = 32
+# The library's defaults, unless a config names its own (the studies of both).
+CLIP_AFTER_MOMENTUM = (
+    inspect.signature(FloraAdafactor).parameters["clip_after_momentum"].default
+)
+TRANSFER = inspect.signature(FloraAdafactor).parameters["transfer"].default
 
 
 def make_optimizer(cfg: dict, model: GPT) -> torch.optim.Optimizer:
@@ -46,6 +52,8 @@ def make_optimizer(cfg: dict, model: GPT) -> torch.optim.Optimizer:
     common = dict(
         lr=lr, factored=cfg.get("factored", True), kappa=cfg.get("kappa", 1000),
         seed=cfg["seed"], accumulation_steps=tau, min_dim_size_to_factor=MIN_FACTOR,
+        clip_after_momentum=cfg.get("clip_after_momentum", CLIP_AFTER_MOMENTUM),
+        transfer=cfg.get("transfer", TRANSFER),
     )  # fmt: skip
     if method == "none":
         return FloraAdafactor(model.parameters(), momentum=None, rank=None, **common)
@@ -61,7 +69,7 @@ def make_optimizer(cfg: dict, model: GPT) -> torch.optim.Optimizer:
         groups = [{"params": matrices, "rank": cfg["rank"]}, {"params": others}]
         return FloraAdam(
             groups, lr=lr, rank=None, kappa=cfg["kappa"], seed=cfg["seed"],
-            factored=cfg.get("factored", True),
+            factored=cfg.get("factored", True), transfer=cfg.get("transfer", TRANSFER),
         )  # fmt: skip
     if method == "galore":
         from galore_torch import GaLoreAdamW

@@ -20,6 +20,9 @@ from optax_testing import (
     train,
 )
 
+from conformance.optax_reference import adafactor_official_order
+from flora_core import rules
+
 RANK = 6
 STATE_DTYPES = {jnp.dtype(jnp.int32), jnp.dtype(jnp.float32)}
 
@@ -70,8 +73,14 @@ IDENTITY_CASES = {
               lambda: optax.adamw(0.02, weight_decay=0.01)),
     "adafactor": (
         lambda: flora_optax.flora_adafactor(0.02, min_dim_size_to_factor=16,
-                                            projection="identity"),
+                                            projection="identity",
+                                            clip_after_momentum=False),
         lambda: optax.adafactor(0.02, min_dim_size_to_factor=16, momentum=0.9)),
+    "adafactor_official_order": (
+        lambda: flora_optax.flora_adafactor(0.02, min_dim_size_to_factor=16,
+                                            projection="identity"),
+        lambda: adafactor_official_order(
+            0.02, rules.AdafactorConfig(min_dim_size_to_factor=16))),
     "adafactor_options": (
         lambda: flora_optax.flora_adafactor(
             None, factored=False, clipping_threshold=None, weight_decay_rate=0.01,
@@ -85,7 +94,8 @@ IDENTITY_CASES = {
         lambda: optax.adamw(0.02, weight_decay=0.1, mask=_matrices)),
     "adafactor_masked": (
         lambda: flora_optax.flora_adafactor(0.02, weight_decay_rate=0.1,
-                                            weight_decay_mask=_matrices, projection="identity"),
+                                            weight_decay_mask=_matrices, projection="identity",
+                                            clip_after_momentum=False),
         lambda: optax.adafactor(0.02, weight_decay_rate=0.1, weight_decay_mask=_matrices,
                                 momentum=0.9)),
     "momentum": (lambda: flora_optax.scale_by_flora_momentum(0.9, projection="identity"),

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 from flora_torch import FloraAdafactor, FloraAdam
+from flora_torch._checkpoint import XP
 
 from conformance.make_vectors import load_oracle
 from conformance.problems import PROBLEMS
+from flora_core import accumulation
 
 OPTIMIZERS = {"adam": FloraAdam, "adafactor": FloraAdafactor}
 
@@ -103,6 +105,63 @@ def test_uncompressed_accumulation_is_the_mean_gradient_bitwise() -> None:
         o_mean.zero_grad()
     for a, b in zip(m_acc.parameters(), m_mean.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+class TwoBranches(torch.nn.Module):
+    """``always`` sees every micro-batch; ``sometimes`` only those with ``use``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.always = torch.nn.Linear(64, 48)
+        self.sometimes = torch.nn.Linear(64, 48)
+
+    def forward(self, x: torch.Tensor, use: bool) -> torch.Tensor:
+        y = self.always(x)
+        return (y + self.sometimes(x) if use else y).square().mean()
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_a_parameter_skipped_in_some_micro_batches_gets_the_cycle_mean(
+    name: str, layerwise: bool
+) -> None:
+    """NOTE [accumulation divisor]: 1/τ for every parameter (an MoE expert used in 1
+    of 4 micro-batches gets a quarter of its gradient, not all of it)."""
+    tau = 4  # the branch is used in 1, then 3 of the 4 micro-batches of a cycle
+    cycles = [(True, False, False, False), (False, True, True, True)]
+    model, reference = TwoBranches(), TwoBranches()
+    optimizer = OPTIMIZERS[name](
+        model.parameters(), lr=1e-2, rank=8, accumulation_steps=tau,
+        layerwise=layerwise,
+    )  # fmt: skip
+    plain = OPTIMIZERS[name](reference.parameters(), lr=1e-2, rank=8)
+    params = list(reference.parameters())
+    g = torch.Generator().manual_seed(3)
+    for uses in cycles:
+        xs = [torch.randn(8, 64, generator=g) for _ in range(tau)]
+        sums = [torch.zeros(plain.plan_of(p).state_shape if plain.plan_of(p).compressed
+                            else p.shape) for p in params]  # fmt: skip
+        for x, use in zip(xs, uses, strict=True):
+            model(x, use).backward()
+            grads = torch.autograd.grad(reference(x, use), params, allow_unused=True)
+            for k, (p, grad) in enumerate(zip(params, grads, strict=True)):
+                if grad is not None:
+                    sums[k] = accumulation.accumulate(
+                        sums[k], grad, plain.state[p].get("count", 0),
+                        plan=plain.plan_of(p), xp=XP,
+                    )  # fmt: skip
+        for k, p in enumerate(params):
+            p.grad = accumulation.accumulated_gradient(
+                sums[k], plain.state[p].get("count", 0), tau, plan=plain.plan_of(p),
+                xp=XP,
+            )  # fmt: skip
+        optimizer.step()
+        optimizer.zero_grad()
+        plain.step()
+        plain.zero_grad()
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_short_cycle_uses_the_micro_batches_seen() -> None:

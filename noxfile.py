@@ -73,13 +73,16 @@ def numpy(session: nox.Session) -> None:
 
 @nox.session
 def torch(session: nox.Session) -> None:
-    """The core on torch, flora_torch, its VeLoRA, DDP and the HF Trainer client."""
-    _install(session, TORCH, "transformers", "accelerate", "safetensors", "peft")
+    """The core on torch, flora_torch, its VeLoRA, DDP, the HF Trainer client and the
+    pieces of the LM benchmark (tokenizer cache, model, one step per optimizer)."""
+    hf = ("transformers", "accelerate", "safetensors", "peft", "tokenizers")
+    _install(session, TORCH, *hf)
     _pytest(
         session,
         "torch",
         "conformance",
         "tests/torch",
+        "tests/bench",
         "tests/velora/test_velora_torch.py",
         "tests/scale/test_fsdp.py",
         "tests/scale/test_tensor_parallel.py",

@@ -5,8 +5,10 @@ FloraAdam, and compare them.
                           [--data FILE] [--optimizers adamw,adafactor,...]
 
 Each optimizer trains in its own process (so peak memory is its own), on the same
-data, initialisation and batches. Prints a table (validation loss, optimizer-state MB,
-peak memory, steps/s) and writes demo/results/<framework>.{json,png}.
+data, initialisation and batches. Prints a table (the FLORA rank each kind of matrix
+got, validation loss, optimizer-state MB and its share of AdamW's, peak memory and
+how much training added to it, steps/s) and writes demo/results/<framework>.{json,png}:
+the loss curves beside the optimizer state and the peak memory of each optimizer.
 """
 
 from __future__ import annotations
@@ -120,12 +122,44 @@ def worker(args) -> None:
         import models_keras as backend
     name = args.worker
     progress = lambda it: tqdm(it, desc=f"{name:>16}", file=sys.stderr, ncols=88)  # noqa: E731
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = time.perf_counter()
     result = backend.train(args, name, data, progress)
     result["seconds"] = time.perf_counter() - start
     result["steps_per_s"] = args.steps / result["seconds"]
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # Peak RSS before training: the framework, the data and the imports.
+    result["rss_before_training_mb"] = before
+    result["ranks"] = ranks_used(args, data.vocab_size)
     print("RESULT " + json.dumps(result))
+
+
+def ranks_used(args, vocab_size: int) -> dict[str, int | None]:
+    """The rank FLORA gives each kind of matrix of the demo's GPT (None: kept whole).
+
+    ``rank="auto"`` depends on each matrix's smaller side (``flora_core.policy``, the
+    library's only copy of the rule), which is the same on every framework.
+    """
+    from flora_core import policy
+
+    w = args.width
+    kinds = {
+        f"attention/MLP ({w} wide)": (w, 4 * w),
+        f"embedding, head ({vocab_size} x {w})": (vocab_size, w),
+        f"positions ({args.context} x {w})": (args.context, w),
+    }
+    return {k: policy.plan(s, 0, rank=args.rank).rank for k, s in kinds.items()}
+
+
+def rank_text(args, results: dict) -> str:
+    """``"rank auto: 32 on attention/MLP (128 wide), ..."`` from a FLORA run."""
+    ranks = next(
+        (r["ranks"] for n, r in results.items() if n.startswith("flora")), None
+    )
+    if not ranks:
+        return f"rank {args.rank}"
+    parts = [f"{'not compressed' if r is None else r} on {k}" for k, r in ranks.items()]
+    return f"FLORA rank {args.rank}: " + ", ".join(parts)
 
 
 def main() -> None:
@@ -148,36 +182,93 @@ def report(args, results: dict) -> None:
     framework = args.framework + (
         f"-{args.keras_backend}" if args.framework == "keras" else ""
     )
-    header = f"{'optimizer':<16} {'val loss':>9} {'state MB':>9} {'peak MB':>8} {'steps/s':>8}"
-    print(f"\n{framework}: {args.steps} steps, rank {args.rank}, kappa {args.kappa}, "
-          f"{next(iter(results.values()))['params']:,} parameters")  # fmt: skip
+    ranks = rank_text(args, results)
+    block_rank = next(
+        (next(iter(r["ranks"].values())) for n, r in results.items() if "ranks" in r),
+        None,
+    )
+    header = (
+        f"{'optimizer':<16} {'rank':>5} {'val loss':>9} {'state MB':>9} "
+        f"{'vs AdamW':>9} {'peak MB':>8} {'+train MB':>9} {'steps/s':>8}"
+    )
+    print(f"\n{framework}: {args.steps} steps, kappa {args.kappa}, "
+          f"{next(iter(results.values()))['params']:,} parameters; {ranks}")  # fmt: skip
     print(header + "\n" + "-" * len(header))
+    adamw = results.get("adamw", {}).get("state_bytes")
     for name, r in results.items():
-        print(f"{name:<16} {r['val_loss']:>9.4f} {r['state_bytes'] / 2**20:>9.3f} "
-              f"{r['peak_rss_mb']:>8.0f} {r['steps_per_s']:>8.1f}")  # fmt: skip
+        rank = block_rank if name.startswith("flora") else "-"
+        ratio = f"{r['state_bytes'] / adamw:>8.2f}x" if adamw else f"{'':>9}"
+        grew = r["peak_rss_mb"] - r.get("rss_before_training_mb", r["peak_rss_mb"])
+        print(f"{name:<16} {rank!s:>5} {r['val_loss']:>9.4f} "
+              f"{r['state_bytes'] / 2**20:>9.3f} {ratio} {r['peak_rss_mb']:>8.0f} "
+              f"{grew:>9.0f} {r['steps_per_s']:>8.1f}")  # fmt: skip
+    print("state MB: optimizer state (every state tensor); peak MB: the process's peak "
+          "RSS;\n+train MB: how much training raised it above the framework and data "
+          "(model, activations,\noptimizer state; at this size the state is a small "
+          "part of it).")  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = {"args": {k: v for k, v in vars(args).items() if k not in ("names", "worker")},
-               "results": results}  # fmt: skip
+               "ranks": ranks, "results": results}  # fmt: skip
     (out / f"{framework}.json").write_text(json.dumps(summary, indent=1))
+    plot(out / f"{framework}.png", framework, args, results, ranks)
+    print(f"\nwrote {out / framework}.json and .png")
+
+
+def plot(path: Path, framework: str, args, results: dict, ranks: str) -> None:
+    """Loss curves beside the memory each optimizer keeps (and the peak it reached)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    names = list(results)
+    colors = {n: f"C{i}" for i, n in enumerate(names)}
+    fig, axes = plt.subplots(
+        1, 3, figsize=(16, 4.6), gridspec_kw={"width_ratios": [1.5, 1, 1]}
+    )
+    ax = axes[0]
     for name, r in results.items():
         curve = np.convolve(r["curve"], np.ones(10) / 10, mode="valid")
-        ax.plot(curve, label=f"{name} (val {r['val_loss']:.3f})")
-    ax.set(
-        xlabel="step",
-        ylabel="training loss (10-step mean)",
-        title=f"Flora demo: {framework}",
-    )
+        ax.plot(curve, color=colors[name], label=f"{name} (val {r['val_loss']:.3f})")
+    ax.set(xlabel="step", ylabel="training loss (10-step mean)", title="loss")
     ax.legend()
+    adamw = results.get("adamw", {}).get("state_bytes")
+    ax = axes[1]
+    mb = [results[n]["state_bytes"] / 2**20 for n in names]
+    ax.barh(names, mb, color=[colors[n] for n in names])
+    for i, (n, value) in enumerate(zip(names, mb, strict=True)):
+        share = f" ({results[n]['state_bytes'] / adamw:.0%} of AdamW)" if adamw else ""
+        ax.text(value, i, f" {value:.2f} MB{share}", va="center", fontsize=8)
+    ax.set_xlim(0, max(mb) * 1.7)
+    ax.invert_yaxis()
+    ax.set(xlabel="MB", title="optimizer state")
+    ax = axes[2]
+    grew = [
+        results[n]["peak_rss_mb"]
+        - results[n].get("rss_before_training_mb", results[n]["peak_rss_mb"])
+        for n in names
+    ]
+    ax.barh(names, grew, color=[colors[n] for n in names], alpha=0.6)
+    for i, (n, value) in enumerate(zip(names, grew, strict=True)):
+        peak = results[n]["peak_rss_mb"]
+        ax.text(
+            value, i, f" +{value:.0f} MB (peak {peak:.0f})", va="center", fontsize=8
+        )
+    ax.set_xlim(0, max(max(grew), 1) * 1.8)
+    ax.invert_yaxis()
+    ax.set(
+        xlabel="MB",
+        title="peak RSS growth while training\n(framework buffers, activations, state)",
+    )
+    fig.suptitle(
+        f"Flora demo: {framework}, {args.steps} steps, "
+        f"{next(iter(results.values()))['params']:,} parameters; {ranks}",
+        fontsize=10,
+    )
     fig.tight_layout()
-    fig.savefig(out / f"{framework}.png", dpi=120)
-    print(f"\nwrote {out / framework}.json and .png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

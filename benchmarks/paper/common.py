@@ -26,7 +26,7 @@ import statistics
 import tempfile
 from dataclasses import asdict, dataclass
 
-from harness import Runner
+from harness import CLIP_AFTER_MOMENTUM, Runner
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,8 @@ class Scale:
     momentum_steps: int = 400
     momentum_batch: int = 8
     kappa: int = 100
-    kappas: tuple[int, ...] = (1, 10, 50, 100, 200, 1_000_000)
+    kappas: tuple[int, ...] = (1, 10, 50, 100, 200, 1000)  # 1000: never resampled
+    kappa_ranks: tuple[int, ...] = (32, 8)  # Table 3's r = d/2, and d/r = 8
     pretrain_steps: int = 600
     accumulation_micro: int = 1280
     accumulation_batch: int = 4
@@ -51,7 +52,7 @@ class Scale:
 
 QUICK = Scale(
     ranks=(8, 32), lrs=(3e-2,), lora_lrs=(1e-1,), seeds=(0,), momentum_steps=48,
-    kappas=(1, 100, 1_000_000), pretrain_steps=48, accumulation_micro=128, evals=2,
+    kappas=(1, 10, 100), kappa_ranks=(8,), pretrain_steps=48, accumulation_micro=128, evals=2,
     adam_lrs=(3e-3,), galore_lrs=(1e-2,), galore_ranks=(8,),
 )  # fmt: skip
 
@@ -73,7 +74,10 @@ def momentum_base(scale: Scale) -> dict:
 
 
 def pretrain_config(scale: Scale) -> dict:
-    cfg = dict(method="pretrain", seed=0, lr=3e-2, batch=8, steps=scale.pretrain_steps)
+    cfg = dict(
+        method="pretrain", seed=0, lr=3e-2, batch=8, steps=scale.pretrain_steps,
+        clip_after_momentum=CLIP_AFTER_MOMENTUM,  # part of the cached file's key
+    )  # fmt: skip
     digest = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
     path = os.path.join(tempfile.gettempdir(), f"flora_paper_pretrained_{digest}.pt")
     return dict(cfg, path=path)

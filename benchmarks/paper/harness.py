@@ -162,6 +162,7 @@ def pretrain(cfg: dict) -> dict:
         optimizer = FloraAdafactor(
             model.parameters(), lr=cfg["lr"], momentum=0.9, rank=None,
             min_dim_size_to_factor=MIN_FACTOR,
+            clip_after_momentum=cfg.get("clip_after_momentum", CLIP_AFTER_MOMENTUM),
         )  # fmt: skip
         inputs, targets = data.dataset(
             "pretrain", cfg["batch"] * cfg["steps"], data.PRETRAIN_SEED

@@ -2,8 +2,9 @@
 
     nice python benchmarks/paper/run_all.py [--quick] [--workers 2]
 
-Runs Table 2 (momentum), Table 3 (κ, reusing Table 2's learning rate and its
-FLORA(32), κ = 100 run), Table 1 (accumulation), Table 4 (unfactored, Table 1's
+Runs Table 2 (momentum), Table 3 (κ and the transfer rule, reusing Table 2's
+learning rate and its FLORA(32), κ = 100 runs), the clip-order study (reusing Table
+2's default-order runs), Table 1 (accumulation), Table 4 (unfactored, Table 1's
 learning rates) and Appendix C.2 (GaLore); identical configurations run once (the
 runner caches them). Writes each table's ``benchmarks/results/paper_*.{json,md,png}``
 and ``paper_summary.md`` with every claim and the total wall time.
@@ -15,6 +16,7 @@ import time
 
 import _paths  # noqa: F401
 import appendix_c2_galore
+import clip_order
 import report
 import table1_accumulation
 import table2_momentum
@@ -38,7 +40,8 @@ def main() -> None:
         return out
 
     t2 = timed("Table 2 (momentum)", table2_momentum.main)
-    timed("Table 3 (κ)", table3_kappa.main, lr=t2["lrs"]["naive"])
+    timed("Table 3 (κ and the transfer rule)", table3_kappa.main, lr=t2["lrs"]["naive"])
+    timed("Clip order", clip_order.main)
     t1 = timed("Table 1 (accumulation)", table1_accumulation.main)
     timed("Table 4 (unfactored)", table4_unfactored.main, lrs=t1["lrs"])
     timed("Appendix C.2 (GaLore)", appendix_c2_galore.main)

@@ -122,6 +122,7 @@ def keras(session: nox.Session, backend: str) -> None:
         session,
         backend,
         "conformance/test_adapters.py",
+        "conformance/test_reference.py",
         "tests/keras",
         "tests/velora/test_velora_keras.py",
         "tests/scale/test_keras_distribution.py",

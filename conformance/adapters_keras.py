@@ -165,4 +165,10 @@ def run_reference(problem: Problem) -> Trajectory:
     return train(problem, reference)
 
 
-ENTRY = register(AdapterEntry("keras", run, run_reference))
+def supports(problem: Problem) -> bool:
+    """Every problem but those forcing the compressed axis: ``flora_keras`` has no
+    ``axis`` option (it always compresses the policy's default axis, spec §1.1)."""
+    return problem.axis is None
+
+
+ENTRY = register(AdapterEntry("keras", run, run_reference, supports))

@@ -27,7 +27,7 @@ def flora_transformation(problem: Problem) -> optax.GradientTransformation:
     config = problem.config()
     flora = dict(
         rank=problem.rank, seed=problem.seed, projection=problem.projection,
-        kappa=problem.kappa,
+        kappa=problem.kappa, axis=problem.axis,
     )  # fmt: skip
     if isinstance(config, rules.AdamConfig):
         tx = flora_optax.flora_adam(

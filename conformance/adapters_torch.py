@@ -34,6 +34,7 @@ def _optimizer(problem: Problem, params: list[torch.Tensor]) -> torch.optim.Opti
     common = dict(
         rank=problem.rank, kappa=problem.kappa, seed=problem.seed,
         projection=problem.projection, accumulation_steps=problem.accumulation_steps,
+        axis=problem.axis,
     )  # fmt: skip
     config = problem.config()
     if problem.rule == "adam":
@@ -55,13 +56,19 @@ def _optimizer(problem: Problem, params: list[torch.Tensor]) -> torch.optim.Opti
 
 
 def _train(problem: Problem, params: list[torch.Tensor], optimizer):
-    """Backward of the linear loss per micro-batch, then step; params per update."""
+    """Backward of the linear loss per micro-batch, then step; params per update.
+
+    A parameter ``problem.absent`` names for a micro-batch is left out of its loss,
+    so it gets no gradient there (its hook does not run, ``.grad`` stays None).
+    """
+    absent = set(problem.absent)
     trajectory = []
-    for micro_batches in problem.grads():
-        for grads in micro_batches:
+    for t, micro_batches in enumerate(problem.grads()):
+        for j, grads in enumerate(micro_batches):
             loss = sum(
                 (p.view(g.shape) * torch.from_numpy(g)).sum()
-                for p, g in zip(params, grads, strict=True)
+                for i, (p, g) in enumerate(zip(params, grads, strict=True))
+                if (t, j, i) not in absent
             )
             loss.backward()
         optimizer.step()

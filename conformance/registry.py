@@ -54,3 +54,16 @@ def register(entry: AdapterEntry) -> AdapterEntry:
         raise ValueError(f"Adapter {entry.name!r} is already registered")
     ADAPTERS[entry.name] = entry
     return entry
+
+
+_RUNS: dict[tuple[str, str], Trajectory] = {}
+
+
+def run_once(name: str, problem: Problem) -> Trajectory:
+    """``ADAPTERS[name].run(problem)``, computed once per process: the checks against
+    the committed vectors (``test_adapters``) and against the reference
+    (``test_reference``) share it."""
+    key = (name, repr(problem))
+    if key not in _RUNS:
+        _RUNS[key] = ADAPTERS[name].run(problem)
+    return _RUNS[key]

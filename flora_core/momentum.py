@@ -15,6 +15,9 @@ References:
 
 from __future__ import annotations
 
+import math
+import warnings
+from collections.abc import Sequence
 from typing import Any
 
 from flora_core._xp import Array, Namespace, backend_name
@@ -25,6 +28,7 @@ from flora_core.projection import (
     decompress,
     projection,
     transfer,
+    transfer_gain,
     transfer_scale,
 )
 
@@ -135,3 +139,55 @@ def momentum_update(
         transfer=transfer,
     )  # fmt: skip
     return new_mu, decompress(new_mu, a, plan.axis, xp=xp)
+
+
+class UndampedTransferWarning(UserWarning):
+    """A κ with which the transferred moment grows from one interval to the next."""
+
+
+def transfer_growth(
+    plan: CompressionPlan, beta: float, kappa: int, transfer: str
+) -> float:
+    """``β^κ · c · sqrt(γ)``: how much a moment carried across a resample grows per
+    interval (it decays by ``β^κ`` in between; a transfer multiplies its expected
+    norm by ``c sqrt(γ)``, NOTE [transfer rules]). At 1 or more it never fades."""
+    if not plan.compressed or plan.distribution == "identity":
+        return 0.0
+    gain = transfer_scale(plan, transfer) * math.sqrt(transfer_gain(plan))
+    return float(beta**kappa * gain)
+
+
+def warn_undamped(
+    plans: Sequence[CompressionPlan | None],
+    beta: float | None,
+    kappa: int,
+    transfer: str,
+    names: Sequence[str | None] | None = None,
+) -> None:
+    """One :class:`UndampedTransferWarning` naming each compressed parameter whose
+    moment cannot be damped (``transfer_growth >= 1``), with β, κ, d and r."""
+    if beta is None:
+        return
+    bad = []
+    for i, plan in enumerate(plans):
+        if plan is None:
+            continue
+        growth = transfer_growth(plan, beta, kappa, transfer)
+        if growth >= 1.0:
+            name = (
+                names[i] if names is not None and names[i] else f"#{plan.param_index}"
+            )
+            bad.append(f"{name} (d={plan.dim}, r={plan.rank}: x{growth:.3g})")
+    if bad:
+        shown = ", ".join(bad[:5]) + (
+            f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        )
+        warnings.warn(
+            f"transfer={transfer!r} with beta={beta} and kappa={kappa} cannot damp the "
+            f"moment carried across resamples: each interval multiplies it by "
+            f"beta**kappa * sqrt(1 + (d+1)/r) >= 1 for {shown}; it will grow until "
+            "the run diverges. Use transfer='least_squares' (the default) or 'norm', "
+            "or a larger kappa.",
+            UndampedTransferWarning,
+            stacklevel=3,
+        )

@@ -29,8 +29,11 @@ from flora_core.policy import CompressionPlan
 from flora_core.projection import Projection, check_transfer, decompress
 from flora_core.validation import (
     check_beta,
+    check_flag,
     check_gradient,
     check_nonnegative,
+    check_nonnegative_int,
+    check_positive,
     check_positive_int,
 )
 
@@ -54,6 +57,7 @@ class AdamConfig:
     transfer: str = DEFAULT_TRANSFER
 
     def __post_init__(self) -> None:
+        """Every field checked, naming a bad value (the adapters' one copy)."""
         check_transfer(self.transfer)
         if self.second_moment not in SECOND_MOMENTS:
             raise ValueError(
@@ -65,6 +69,7 @@ class AdamConfig:
         check_nonnegative("eps", self.eps)
         check_nonnegative("weight_decay", self.weight_decay)
         check_positive_int("kappa", self.kappa)
+        check_flag("factored", self.factored)
 
 
 @dataclass(frozen=True)
@@ -85,19 +90,20 @@ class AdafactorConfig:
     clip_after_momentum: bool = True
 
     def __post_init__(self) -> None:
+        """Every field checked, naming a bad value (the adapters' one copy)."""
         check_transfer(self.transfer)
-        if not isinstance(self.clip_after_momentum, bool):
-            raise TypeError(
-                f"Invalid clip_after_momentum: {self.clip_after_momentum!r} "
-                "(expected True or False)"
-            )
+        check_flag("clip_after_momentum", self.clip_after_momentum)
+        check_flag("factored", self.factored)
+        check_flag("multiply_by_parameter_scale", self.multiply_by_parameter_scale)
         if self.momentum is not None:
             check_beta("momentum", self.momentum)
         check_nonnegative("decay_rate", self.decay_rate)
+        check_nonnegative_int("decay_offset", self.decay_offset)
+        check_positive_int("min_dim_size_to_factor", self.min_dim_size_to_factor)
         check_nonnegative("eps", self.eps)
         check_positive_int("kappa", self.kappa)
-        if self.clipping_threshold is not None and not self.clipping_threshold > 0:
-            raise ValueError(f"Invalid clipping_threshold: {self.clipping_threshold!r}")
+        if self.clipping_threshold is not None:
+            check_positive("clipping_threshold", self.clipping_threshold)
         if self.weight_decay_rate is not None:
             check_nonnegative("weight_decay_rate", self.weight_decay_rate)
 
@@ -124,6 +130,20 @@ def _as_float(count: Array | int, offset: int, xp: Namespace) -> Array | float:
     if isinstance(count, int):
         return float(count + offset)
     return xp.astype(count + offset, xp.float32)
+
+
+def _decay_step(count: Array | int, offset: int, xp: Namespace) -> Array | float:
+    """``max(t + 1 - decay_offset, 1)``, the step of Adafactor's decay schedule.
+
+    NOTE [decay offset]: ``decay_offset`` shifts the schedule for fine-tuning from a
+    checkpoint of ``decay_offset`` steps; ``optax.adafactor`` computes ``0 ** -0.8``
+    (inf) or a negative base (NaN) while ``t + 1 <= decay_offset``. Clamped at 1,
+    those first updates use decay 0 (the second moment restarts from ``g²``), and
+    the schedule is optax's once ``t >= decay_offset``.
+    """
+    if isinstance(count, int):
+        return float(max(count + 1 - offset, 1))
+    return xp.maximum(xp.astype(count + 1 - offset, xp.float32), 1.0)
 
 
 def _ema_momentum(
@@ -426,7 +446,7 @@ def flora_adafactor(
     p = xp.astype(param, xp.float32, copy=False)
     count = state["count"]
     new_state: State = {"count": count + 1}
-    decay = 1.0 - _as_float(count, 1 - config.decay_offset, xp) ** (-config.decay_rate)
+    decay = 1.0 - _decay_step(count, config.decay_offset, xp) ** (-config.decay_rate)
     dims = factored_dims(plan.shape, config.factored, config.min_dim_size_to_factor)
     u = _scale_by_factored_rms(g, state, new_state, decay, dims, config.eps, xp)
     del g  # NOTE [lean temporaries]

@@ -47,6 +47,24 @@ def check_positive_int(name: str, value: object) -> int:
     return value
 
 
+def check_nonnegative_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"Invalid {name}: {value!r} (expected an int >= 0)")
+    return value
+
+
+def check_flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"Invalid {name}: {value!r} (expected True or False)")
+    return value
+
+
+def check_positive(name: str, value: object) -> float:
+    if not _is_real_number(value) or not (value > 0 and math.isfinite(value)):  # type: ignore[operator, arg-type]
+        raise ValueError(f"Invalid {name}: {value!r} (expected a finite float > 0)")
+    return float(value)  # type: ignore[arg-type]
+
+
 def check_gradient(grad: Any, *, xp: Namespace, name: str = "gradient") -> None:
     """Raise for complex or non-floating gradients (checks the dtype only)."""
     dtype = grad.dtype

@@ -4,8 +4,9 @@ With ``accumulation_steps > 1`` or ``layerwise=True`` every parameter that requi
 grad gets a post-accumulate-grad hook. The hook compresses ``p.grad`` into the
 ``acc`` state (FLORA Algorithm 1, ``flora_core.accumulation``) and frees it, so no
 full-size gradient survives between micro-batches; with ``layerwise=True`` it also
-applies the update as soon as the cycle is complete. Hooks hold the optimizer by a
-weak reference: a deleted optimizer leaves inert hooks behind.
+applies the update as soon as the cycle is complete. Hooks hold the optimizer by a weak
+reference: a deleted optimizer leaves inert hooks behind; a copy (``deepcopy``,
+``pickle``) hooks its own parameters again (``flora_torch._checkpoint``).
 
 NOTE [GradScaler with compressed accumulation]: with τ > 1 (or layerwise) the
 micro-batch gradients are compressed and freed inside backward, so
@@ -110,9 +111,13 @@ class HooksMixin:
         _reset(state)
         return grad
 
+    def _param_states(self) -> list[dict[str, Any]]:
+        """The parameters' states (a hook may store other keys in ``self.state``)."""
+        return [self.state[p] for p in self._plans if p in self.state]
+
     def _drop_cycle(self) -> None:
         """Forget the cycle's micro-batches (a step skipped by GradScaler)."""
-        for state in self.state.values():
+        for state in self._param_states():
             if state.get("micro_step"):
                 _reset(state)
         self._cycle_micro_steps = 0
@@ -120,7 +125,7 @@ class HooksMixin:
     def _amp_unscale(self, scaler: Any) -> float | None:
         """1 / scale, or None when an accumulator is not finite (records found-inf)."""
         found: dict[torch.device, torch.Tensor] = {}
-        for state in self.state.values():
+        for state in self._param_states():
             if state.get("micro_step"):
                 acc = state["acc"]
                 if acc.device not in found:

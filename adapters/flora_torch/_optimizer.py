@@ -28,6 +28,7 @@ from flora_core.validation import check_gradient, check_lr, check_positive_int
 from flora_torch import distributed
 from flora_torch._checkpoint import XP, CheckpointMixin, metadata
 from flora_torch._hooks import HooksMixin
+from flora_torch._params import check_group_keys, split_names
 
 PLAN_KEYS = ("rank", "seed", "axis", "projection")
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -99,11 +100,14 @@ class FloraOptimizer(HooksMixin, CheckpointMixin, torch.optim.Optimizer):
             raise TypeError(
                 f"param_group must be a dict, got {type(param_group).__name__}"
             )
+        check_group_keys(param_group, type(self).__name__)
         params = param_group["params"]
         if isinstance(params, torch.Tensor):
             params = [params]
         elif not isinstance(params, set):  # torch raises its own error for a set
-            params = list(params)
+            params, names = split_names(list(params))  # model.named_parameters()
+            if names is not None:
+                param_group["param_names"] = names
         param_group["params"] = params
         group = {**self.defaults, **param_group}
         self._check_group(group)

@@ -35,7 +35,9 @@ class FloraAdafactor(FloraOptimizer):
 
     Args:
         params: parameters or param groups (dicts; any argument below except
-            ``accumulation_steps`` and ``layerwise`` can be set per group).
+            ``accumulation_steps`` and ``layerwise`` can be set per
+            group), or ``model.named_parameters()`` (the names are kept in
+            ``param_groups`` and ``state_dict()`` as ``param_names``).
         lr: learning rate; relative to the parameter's RMS when
             ``multiply_by_parameter_scale`` (a float or 1-element tensor).
         momentum: β of the (compressed) momentum; None disables momentum (then

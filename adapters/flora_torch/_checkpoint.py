@@ -13,7 +13,7 @@ aside, and runs the post hooks after the re-copy.
 
 NOTE [copies]: torch's ``Optimizer.__getstate__`` keeps only ``defaults``, ``state``
 and ``param_groups``; a copy of a Flora optimizer would lose ``accumulation_steps``,
-``layerwise`` and the plans, and its ``step()`` would fail. So
+``layerwise``, ``max_grad_norm`` and the plans, and its ``step()`` would fail. So
 every attribute is kept except the hooks: torch's hook dictionaries (dropped, as
 torch drops them) and the backward hooks' handles, which belong to the original
 parameters. ``__setstate__`` hooks the copy's own parameters again (``deepcopy`` and

@@ -27,6 +27,7 @@ from flora_core import accumulation, policy
 from flora_core.validation import check_gradient, check_lr, check_positive_int
 from flora_torch import distributed
 from flora_torch._checkpoint import XP, CheckpointMixin, metadata
+from flora_torch._clipping import ClippingMixin
 from flora_torch._hooks import HooksMixin
 from flora_torch._params import check_group_keys, split_names
 
@@ -52,7 +53,7 @@ def check_group_lr(lr: object) -> None:
     check_lr(lr)
 
 
-class FloraOptimizer(HooksMixin, CheckpointMixin, torch.optim.Optimizer):
+class FloraOptimizer(HooksMixin, ClippingMixin, CheckpointMixin, torch.optim.Optimizer):
     """Base class of the FLORA optimizers (see the module docstring)."""
 
     _init: Callable[..., dict[str, Any]]
@@ -60,12 +61,13 @@ class FloraOptimizer(HooksMixin, CheckpointMixin, torch.optim.Optimizer):
 
     def __init__(
         self, params: Any, defaults: dict[str, Any], *, accumulation_steps: int,
-        layerwise: bool,
+        layerwise: bool, max_grad_norm: float | None = None,
     ) -> None:  # fmt: skip
         self.accumulation_steps = check_positive_int(
             "accumulation_steps", accumulation_steps
         )
         self.layerwise = check_flag("layerwise", layerwise)
+        self._init_clipping(max_grad_norm)
         self._plans: dict[torch.Tensor, policy.CompressionPlan] = {}
         self._group_index: dict[torch.Tensor, int] = {}
         self._hooks: dict[torch.Tensor, Any] = {}
@@ -237,6 +239,7 @@ class FloraOptimizer(HooksMixin, CheckpointMixin, torch.optim.Optimizer):
             if inv_scale is None:  # non-finite: skip and drop the cycle
                 self._drop_cycle()
                 return loss
+        self._clip_before_update(inv_scale)  # see flora_torch._clipping
         for index, group in enumerate(self.param_groups):
             self._check_plan_keys(group, index)
             config = self._config(group)

@@ -13,13 +13,15 @@ aside, and runs the post hooks after the re-copy.
 
 NOTE [copies]: torch's ``Optimizer.__getstate__`` keeps only ``defaults``, ``state``
 and ``param_groups``; a copy of a Flora optimizer would lose ``accumulation_steps``,
-``layerwise``, ``max_grad_norm`` and the plans, and its ``step()`` would fail. So
-every attribute is kept except the hooks: torch's hook dictionaries (dropped, as
-torch drops them) and the backward hooks' handles, which belong to the original
-parameters. ``__setstate__`` hooks the copy's own parameters again (``deepcopy`` and
-``pickle`` copy the parameters with the optimizer; a deep copy of ``(model,
-optimizer)`` shares them). ``load_state_dict`` also goes through ``__setstate__``
-(with ``state`` and ``param_groups`` only) and keeps everything else.
+``layerwise``, ``max_grad_norm`` and the plans, and its ``step()`` would fail. So a
+copy also keeps the attributes that each class lists in ``_copied_attrs`` (a test
+checks that none is forgotten), and nothing else: not the backward hooks' handles,
+which belong to the original parameters, nor what others set on the instance (an LR
+scheduler's ``step`` wrapper calls the original optimizer). ``__setstate__`` hooks
+the copy's own parameters again (``deepcopy`` and ``pickle`` copy the parameters
+with the optimizer; a deep copy of ``(model, optimizer)`` shares them).
+``load_state_dict`` also goes through ``__setstate__`` (with ``state`` and
+``param_groups`` only) and keeps everything else.
 
 NOTE [float32 state on load]: ``torch.optim.Optimizer.load_state_dict`` casts every
 floating state tensor to its parameter's dtype. A bfloat16 parameter would then get
@@ -43,17 +45,6 @@ from flora_core.state import plan_metadata
 
 XP = namespace_for("torch")
 ACCUMULATION_FIELDS = ("acc", "micro_step")
-# Not copied with the optimizer (NOTE [copies]): torch's hook dictionaries and the
-# backward hooks' handles.
-UNCOPIED = (
-    "_hooks",
-    "_optimizer_step_pre_hooks",
-    "_optimizer_step_post_hooks",
-    "_optimizer_state_dict_pre_hooks",
-    "_optimizer_state_dict_post_hooks",
-    "_optimizer_load_state_dict_pre_hooks",
-    "_optimizer_load_state_dict_post_hooks",
-)
 
 
 def metadata(plan: Any) -> dict[str, int]:
@@ -126,8 +117,12 @@ class CheckpointMixin:
         return [(p, self._config(g)) for g in self.param_groups for p in g["params"]]
 
     def __getstate__(self) -> dict[str, Any]:
-        """Everything but the hooks (NOTE [copies])."""
-        return {k: v for k, v in self.__dict__.items() if k not in UNCOPIED}
+        """torch's fields and every class's ``_copied_attrs`` (NOTE [copies])."""
+        state = super().__getstate__()  # type: ignore[misc]
+        for cls in type(self).__mro__:
+            for name in cls.__dict__.get("_copied_attrs", ()):
+                state[name] = self.__dict__[name]
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # type: ignore[misc]

@@ -81,6 +81,8 @@ def check_max_grad_norm(value: object) -> float | None:
 class ClippingMixin:
     """The clipping side of ``FloraOptimizer`` (see the module docstring)."""
 
+    _copied_attrs = ("max_grad_norm", "_clip_called", "_warned_unclipped")
+
     def _init_clipping(self, max_grad_norm: object) -> None:
         self.max_grad_norm = check_max_grad_norm(max_grad_norm)
         self._clip_called = False  # clip_grad_norm_() since the last step()

@@ -58,6 +58,11 @@ class FloraOptimizer(HooksMixin, ClippingMixin, CheckpointMixin, torch.optim.Opt
 
     _init: Callable[..., dict[str, Any]]
     _rule: Callable[..., tuple[torch.Tensor, dict[str, Any]]]
+    # what __init__ sets that a copy keeps (NOTE [copies] in flora_torch._checkpoint)
+    _copied_attrs = (
+        "accumulation_steps", "layerwise", "_plans", "_group_index", "_plan_args",
+        "_cycle_micro_steps", "_step_supports_amp_scaling",
+    )  # fmt: skip
 
     def __init__(
         self, params: Any, defaults: dict[str, Any], *, accumulation_steps: int,

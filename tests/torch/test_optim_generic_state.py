@@ -481,6 +481,41 @@ def test_copy_steps_identically(info: Any, inp: Any, how: Any) -> None:
 
 
 # ------------------------------------------------------------ Flora's additions
+# torch's own fields a copy drops (as torch's __getstate__ does) or rebuilds
+DROPPED = {
+    "_hooks",  # rebuilt on the copy's parameters
+    "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+    "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
+    "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks",
+    "_warned_capturable_if_run_uncaptured",
+}  # fmt: skip
+
+
+@cases
+def test_copy_keeps_every_attribute(info: Any, inp: Any) -> None:
+    """NOTE [copies]: an attribute added to the optimizer without a place in
+    ``_copied_attrs`` would be lost by copies (and break their step())."""
+    weight, bias, x = weight_bias()
+    optimizer = make(info, inp, [weight, bias])
+    advance(optimizer, inp, functools.partial(quadratic, optimizer, weight, bias, x))
+    clone = copy.deepcopy(optimizer)
+    assert set(optimizer.__dict__) - DROPPED <= set(clone.__dict__)
+    assert set(clone.__dict__) <= set(optimizer.__dict__)
+
+
+@cases
+def test_copy_with_an_lr_scheduler_steps_itself(info: Any, inp: Any) -> None:
+    """An LR scheduler wraps ``optimizer.step`` in an instance attribute that calls
+    the original optimizer; a copy must not keep it."""
+    weight, bias, x = weight_bias()
+    optimizer = make(info, inp, [weight, bias])
+    torch.optim.lr_scheduler.StepLR(optimizer, step_size=10)
+    weight_c, bias_c, clone = copy.deepcopy((weight, bias, optimizer))
+    before, before_c = weight.detach().clone(), weight_c.detach().clone()
+    advance(clone, inp, functools.partial(quadratic, clone, weight_c, bias_c, x))
+    assert torch.equal(weight, before) and not torch.equal(weight_c, before_c)
+
+
 @pytest.mark.parametrize("layerwise", [False, True])
 def test_newest_optimizer_owns_the_hooks(layerwise: bool) -> None:
     """NOTE [one owner per parameter]: torch's state-dict tests build a second

@@ -31,7 +31,9 @@ FLORA_ARGS = """\
             ``step()`` then applies the mean ``decompress(acc) / n`` of the ``n``
             micro-batches seen (``n <= τ``: a short last cycle, as HF ``Trainer``
             makes at the end of an epoch, uses the ones it has; a (τ+1)-th backward
-            without ``step()`` raises). Do not divide the loss by τ yourself.
+            without ``step()`` raises). Do not divide the loss by τ yourself (HF
+            ``Trainer`` does: its mean is then the batch gradient / τ, which Adam
+            and Adafactor hardly see but ``max_grad_norm`` compares with).
         layerwise: apply each parameter's update inside backward as soon as its
             gradient is ready and free the gradient at once (LOMO-style; with τ > 1,
             on the τ-th micro-batch). ``step()`` then only applies what no hook did

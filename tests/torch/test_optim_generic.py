@@ -19,7 +19,9 @@ Not applicable, with the reason (torch's tests that are not ported):
   ``test_mixed_device_dtype``: there is no ``fused``, ``foreach``,
   ``capturable`` or ``differentiable`` flag. The one numeric path is compared with
   the core on numpy instead (``test_matches_core_reference``, the
-  foreach-equals-forloop check, in float64, float32, bfloat16 and float16).
+  foreach-equals-forloop check, in float64, float32, bfloat16 and float16);
+  ``test_foreach_matches_forloop`` itself is ported and runs once the optimizers
+  take ``foreach`` (it skips until then).
 * ``maximize``: not an option of these optimizers (maximise ``-loss``).
 * ``test_second_order_optims_return_consistent_types``: ``step`` needs no closure.
 * ``test_forloop_goes_right_direction_multigpu``,
@@ -31,11 +33,11 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
@@ -64,10 +66,13 @@ make, advance, quadratic, weight_bias = (
 # ----------------------------------------------------------------------- registry
 @infos
 def test_optim_infos_do_not_specify_global_cliquey_kwargs(info: Any) -> None:
+    flags = {"foreach", "fused", "differentiable"}
     for inp in info.inputs:
-        assert not {"foreach", "fused", "differentiable"} & set(inp.kwargs)
-    with pytest.raises(TypeError, match="foreach"):  # and none is accepted
-        info.optim_cls([torch.nn.Parameter(torch.randn(2, 3))], foreach=True)
+        assert not flags & set(inp.kwargs)
+    accepted = set(inspect.signature(info.optim_cls).parameters)
+    for flag in flags - accepted:  # one that is not a parameter is refused
+        with pytest.raises(TypeError, match=flag):
+            info.optim_cls([torch.nn.Parameter(torch.randn(2, 3))], **{flag: True})
 
 
 @infos
@@ -251,7 +256,7 @@ def test_zero_grad(info: Any, inp: Any, set_to_none: bool) -> None:
         assert torch.equal(a, b)
 
 
-# ------------------------------------------------- the one path vs the reference
+# ------------------------------------------------ numeric paths against each other
 def sigmoid_mlp(dtype: torch.dtype) -> torch.nn.Module:
     torch.manual_seed(1)
     model = torch.nn.Sequential(
@@ -261,71 +266,133 @@ def sigmoid_mlp(dtype: torch.dtype) -> torch.nn.Module:
     return model.to(dtype)
 
 
+class AdapterSide:
+    """torch's model, a 0-d parameter, and a flora_torch optimizer over them."""
+
+    def __init__(self, info: Any, inp: Any, dtype: torch.dtype, **kwargs: Any):
+        self.model = sigmoid_mlp(dtype)
+        torch.manual_seed(2)
+        self.params = [*self.model.parameters(), torch.rand((), dtype=dtype)]
+        self.params[-1].requires_grad_()
+        self.optimizer = make(info, inp, self.params, **kwargs)
+
+    def backward(self, x: torch.Tensor) -> None:
+        self.model(x).sum().backward()
+
+    def set_grad(self, k: int, grad: torch.Tensor) -> None:
+        self.params[k].grad = grad.clone()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad()
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+    def state(self, k: int) -> dict[str, Any]:
+        return self.optimizer.state.get(self.params[k], {})
+
+
+class ReferenceSide(AdapterSide):
+    """The same, updated by flora_core on numpy (``flora_reference.py``)."""
+
+    def __init__(self, info: Any, inp: Any, dtype: torch.dtype):
+        super().__init__(info, inp, dtype)  # the optimizer only names the config
+        group = self.optimizer.param_groups[0]
+        self.ref = reference.CoreReference(
+            info.optim_cls, self.params, group, self.optimizer._config(group),
+            tau=inp.tau, max_grad_norm=inp.kwargs.get("max_grad_norm"),
+        )  # fmt: skip
+        self.optimizer = None  # its hooks stay inert: only the newest owns
+
+    def backward(self, x: torch.Tensor) -> None:
+        live = [p for p in self.params[:-1] if p.requires_grad]
+        grads = iter(torch.autograd.grad(self.model(x).sum(), live))
+        self.ref.backward(
+            [next(grads) if p.requires_grad else None for p in self.params[:-1]]
+            + [None]
+        )
+
+    def set_grad(self, k: int, grad: torch.Tensor) -> None:
+        self.ref.set_grad(k, grad)
+
+    def zero_grad(self) -> None:
+        pass
+
+    def step(self) -> None:
+        self.ref.step()
+
+    def state(self, k: int) -> dict[str, Any]:
+        return {
+            key: value if key in ("count", "micro_step") else torch.as_tensor(value)
+            for key, value in (self.ref.states[k] or {}).items()
+        }
+
+
+def compare_between(inp: Any, dtype: torch.dtype, want: Any, got: Any) -> None:
+    """torch's ``_compare_between``: its input and seven iterations, no backward at
+    iteration 2, ``model[2]`` frozen at 3 and unfrozen at 5; params and every state
+    field of ``want`` compared after each iteration (parameter dtype and float32:
+    torch's default tolerances), then ``got`` re-aligned to ``want`` as torch's
+    ``TensorTracker`` does. Unlike torch, whose ``zero_grad`` clears the 0-d
+    parameter's gradient before it is ever used, a gradient is set by hand on it at
+    iterations 0 and 4. With τ > 1 each iteration has τ micro-batches that differ."""
+    x = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], dtype=dtype).reshape(3, 2)
+    last = len(want.params) - 1
+    for i in range(7):
+        for side in (want, got):
+            side.zero_grad()
+            if i in (3, 5):
+                side.model[2].requires_grad_(i == 5)
+            if i in (0, 4):
+                side.set_grad(last, torch.full((), 0.5, dtype=dtype))
+            for j in range(inp.tau if i != 2 else 0):
+                side.backward(x * (1.0 + j / 2))
+            side.step()
+        for k, (p_want, p_got) in enumerate(zip(want.params, got.params, strict=True)):
+            where = f"param {k}, iteration {i}"
+            torch.testing.assert_close(
+                p_got, p_want, msg=lambda m, w=where: f"{w}: {m}"
+            )
+            state_want, state_got = want.state(k), got.state(k)
+            assert state_got.get("count", 0) == state_want.get("count", 0), where
+            for key, value in state_want.items():
+                if not torch.is_tensor(value):
+                    assert state_got[key] == value, f"{key} of {where}"
+                    continue
+                torch.testing.assert_close(
+                    state_got[key],
+                    value,
+                    msg=lambda m, w=f"{key} of {where}": f"{w}: {m}",
+                )
+                state_got[key].copy_(value)  # re-align
+            with torch.no_grad():
+                p_got.copy_(p_want)
+
+
+def skip_forced_axis(inp: Any) -> None:
+    if inp.kwargs.get("axis") == 0:
+        pytest.skip("torch's model has a 1 x 3 weight: no rank compresses its axis 0 "
+                    "(a forced axis that cannot be compressed raises)")  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 )
 @cases
 def test_matches_core_reference(info: Any, inp: Any, dtype: torch.dtype) -> None:
-    """torch's test_foreach_matches_forloop (``_test_derived_optimizers`` and
-    ``_compare_between``): its model, input and seven iterations, a 0-d parameter,
-    no backward at iteration 2, ``model[2]`` frozen at 3 and unfrozen at 5; params
-    and every state field compared after each iteration (in the parameter's dtype
-    and float32, torch's default tolerances) and then re-aligned, as torch's
-    ``TensorTracker`` does. The reference is flora_core on numpy
-    (``flora_reference.py``). Unlike torch, whose ``zero_grad`` clears the 0-d
-    parameter's gradient before it is ever used, a gradient is set by hand on it
-    at iterations 0 and 4."""
-    if inp.kwargs.get("axis") == 0:
-        pytest.skip("torch's model has a 1 x 3 weight: no rank compresses its axis 0 "
-                    "(a forced axis that cannot be compressed raises)")  # fmt: skip
-    x = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], dtype=dtype).reshape(3, 2)
-    model, model_r = sigmoid_mlp(dtype), sigmoid_mlp(dtype)
-    torch.manual_seed(2)
-    empty = torch.rand((), dtype=dtype).requires_grad_()
-    empty_r = empty.detach().clone().requires_grad_()
-    params, params_r = [*model.parameters(), empty], [*model_r.parameters(), empty_r]
-    optimizer = make(info, inp, params)
-    group = optimizer.param_groups[0]
-    ref = reference.CoreReference(
-        info.optim_cls, params_r, group, optimizer._config(group), tau=inp.tau,
-        max_grad_norm=inp.kwargs.get("max_grad_norm"),
-    )  # fmt: skip
-    for i in range(7):
-        optimizer.zero_grad()
-        if i in (3, 5):
-            for m in (model, model_r):
-                m[2].requires_grad_(i == 5)
-        if i in (0, 4):
-            empty.grad = torch.full_like(empty, 0.5)
-            ref.set_grad(len(params) - 1, empty.grad)
-        if i != 2:
-            for j in range(inp.tau):
-                scale = 1.0 + j / 2  # micro-batches that differ
-                model(x * scale).sum().backward()
-                live = [p for p in params_r if p.requires_grad]
-                grads = iter(torch.autograd.grad(model_r(x * scale).sum(), live[:-1]))
-                ref.backward([next(grads) if p.requires_grad and p is not empty_r
-                              else None for p in params_r])  # fmt: skip
-        optimizer.step()
-        ref.step()
-        for k, (p, p_r) in enumerate(zip(params, params_r, strict=True)):
-            torch.testing.assert_close(
-                p, p_r, msg=lambda m, k=k, i=i: f"param {k}, iteration {i}: {m}"
-            )
-            state, state_r = optimizer.state.get(p, {}), ref.states[k] or {}
-            assert state.get("count", 0) == state_r.get("count", 0)
-            for key, value in state_r.items():
-                if key in ("count", "micro_step"):
-                    assert state[key] == value
-                    continue
-                want = torch.as_tensor(np.asarray(value))
-                torch.testing.assert_close(
-                    state[key],
-                    want,
-                    msg=lambda m, k=k, key=key, i=i: (
-                        f"{key} of {k}, iteration {i}: {m}"
-                    ),
-                )
-                state[key].copy_(want)  # re-align
-            with torch.no_grad():
-                p.copy_(p_r)
+    """torch's test_foreach_matches_forloop with flora_core on numpy as the forloop
+    implementation: the adapter's one numeric path against the reference."""
+    skip_forced_axis(inp)
+    want = ReferenceSide(info, inp, dtype)
+    compare_between(inp, dtype, want, AdapterSide(info, inp, dtype))
+
+
+@cases
+def test_foreach_matches_forloop(info: Any, inp: Any) -> None:
+    """torch's test, in float64, once the optimizer has a ``foreach`` flag."""
+    if "foreach" not in inspect.signature(info.optim_cls).parameters:
+        pytest.skip("no foreach flag yet: the one path is test_matches_core_reference")
+    skip_forced_axis(inp)
+    dtype = torch.float64
+    forloop = AdapterSide(info, inp, dtype, foreach=False)
+    compare_between(inp, dtype, forloop, AdapterSide(info, inp, dtype, foreach=True))

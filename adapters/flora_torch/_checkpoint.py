@@ -1,8 +1,27 @@
-"""Checkpoints: torch ``state_dict`` loading, the portable npz form, DDP accumulators.
+"""Checkpoints: torch ``state_dict`` loading, the portable npz form, DDP accumulators,
+and whole-object copies (``copy.deepcopy``, ``pickle``, ``torch.save(optimizer)``).
 
 ``Optimizer.state_dict()`` already holds what the schema asks for (tensors and ints,
-portable field names, plan metadata); this mixin makes loading strict and
-dtype-preserving, and moves state to and from ``flora_core.state``.
+portable field names, plan metadata, torch's ``param_names``); this mixin makes
+loading strict and dtype-preserving, and moves state to and from ``flora_core.state``.
+
+NOTE [load hooks]: torch runs ``register_load_state_dict_pre_hook`` hooks first (they
+may rewrite the state dict) and post hooks last (they see the loaded optimizer). The
+checks and the float32 re-copy below are part of loading, so ``load_state_dict`` runs
+the pre hooks itself before checking, lets the base class load with the hooks set
+aside, and runs the post hooks after the re-copy.
+
+NOTE [copies]: torch's ``Optimizer.__getstate__`` keeps only ``defaults``, ``state``
+and ``param_groups``; a copy of a Flora optimizer would lose ``accumulation_steps``,
+``layerwise``, ``max_grad_norm`` and the plans, and its ``step()`` would fail. So a
+copy also keeps the attributes that each class lists in ``_copied_attrs`` (a test
+checks that none is forgotten), and nothing else: not the backward hooks' handles,
+which belong to the original parameters, nor what others set on the instance (an LR
+scheduler's ``step`` wrapper calls the original optimizer). ``__setstate__`` hooks
+the copy's own parameters again (``deepcopy`` and ``pickle`` copy the parameters
+with the optimizer; a deep copy of ``(model, optimizer)`` shares them).
+``load_state_dict`` also goes through ``__setstate__`` (with ``state`` and
+``param_groups`` only) and keeps everything else.
 
 NOTE [float32 state on load]: ``torch.optim.Optimizer.load_state_dict`` casts every
 floating state tensor to its parameter's dtype. A bfloat16 parameter would then get
@@ -12,6 +31,7 @@ given state dict as float32 after the base class has loaded it.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from itertools import chain
 from typing import Any
 
@@ -96,8 +116,52 @@ class CheckpointMixin:
     def _ordered(self) -> list[tuple[torch.Tensor, Any]]:
         return [(p, self._config(g)) for g in self.param_groups for p in g["params"]]
 
+    def __getstate__(self) -> dict[str, Any]:
+        """torch's fields and every class's ``_copied_attrs`` (NOTE [copies])."""
+        state = super().__getstate__()  # type: ignore[misc]
+        for cls in type(self).__mro__:
+            for name in cls.__dict__.get("_copied_attrs", ()):
+                state[name] = self.__dict__[name]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # type: ignore[misc]
+        if "_hooks" in self.__dict__:  # load_state_dict: the same optimizer
+            return
+        if "_plans" not in self.__dict__:
+            raise TypeError(
+                f"This {type(self).__name__} was pickled without its configuration "
+                "(by flora_torch before named parameters and copies were "
+                "supported); build the optimizer again and load its state_dict()"
+            )
+        self._hooks = {}
+        self._ensure_hooks()
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict; checks plans and metadata, keeps the state float32."""
+        """Load a state dict; checks plans and metadata, keeps the state float32.
+
+        torch's load hooks run around the whole load (NOTE [load hooks]).
+        """
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        pre, post = (
+            self._optimizer_load_state_dict_pre_hooks,
+            self._optimizer_load_state_dict_post_hooks,
+        )
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        try:
+            self._load_checked(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre
+            self._optimizer_load_state_dict_post_hooks = post
+        for post_hook in post.values():
+            post_hook(self)
+
+    def _load_checked(self, state_dict: dict[str, Any]) -> None:
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
@@ -131,7 +195,7 @@ class CheckpointMixin:
     def _resume_cycle(self) -> None:
         """The cycle's micro-batch count (NOTE [accumulation divisor]) after a load."""
         self._cycle_micro_steps = max(
-            (s.get("micro_step", 0) for s in self.state.values()), default=0
+            (s.get("micro_step", 0) for s in self._param_states()), default=0
         )
 
     def export_state(self) -> dict[str, np.ndarray]:

@@ -31,15 +31,32 @@ FLORA_ARGS = """\
             ``step()`` then applies the mean ``decompress(acc) / n`` of the ``n``
             micro-batches seen (``n <= τ``: a short last cycle, as HF ``Trainer``
             makes at the end of an epoch, uses the ones it has; a (τ+1)-th backward
-            without ``step()`` raises). Do not divide the loss by τ yourself.
+            without ``step()`` raises). Do not divide the loss by τ yourself (HF
+            ``Trainer`` does: its mean is then the batch gradient / τ, which Adam
+            and Adafactor hardly see but ``max_grad_norm`` compares with).
         layerwise: apply each parameter's update inside backward as soon as its
             gradient is ready and free the gradient at once (LOMO-style; with τ > 1,
             on the τ-th micro-batch). ``step()`` then only applies what no hook did
-            (a short last cycle, a gradient set by hand). Not
-            possible in this mode (a clear error where it can be detected): global
-            gradient clipping (no full gradient ever exists; ``clip_grad_norm_``
-            would see none), ``torch.amp.GradScaler`` (the update precedes
+            (a short last cycle, a gradient set by hand). With τ > 1 and
+            ``max_grad_norm`` the τ-th micro-batch's updates wait for ``step()``,
+            which clips the global norm first (memory is unchanged: a full-size
+            gradient exists for one parameter at a time either way). Not possible
+            in this mode (a clear error where it can be detected): global clipping
+            with τ = 1 (no global norm exists before the updates),
+            ``clip_grad_norm_``, ``torch.amp.GradScaler`` (the update precedes
             unscaling), a ``closure``, and DDP (updates precede the all-reduce).
+        max_grad_norm: clip the global 2-norm of the gradients the update uses to
+            this value in ``step()``, before any update (``min(1, max_grad_norm /
+            (norm + 1e-6))``, as ``torch.nn.utils.clip_grad_norm_``). With τ > 1 the
+            gradient is the cycle's mean ``decompress(acc) / n``, whose norm is
+            computed exactly from the compressed accumulators without a full-size
+            gradient (see ``flora_torch._clipping``). Needed wherever the hooks
+            consume ``p.grad`` (τ > 1 or ``layerwise``): there
+            ``torch.nn.utils.clip_grad_norm_`` and HF ``Trainer``'s
+            ``max_grad_norm`` see no gradient, and the optimizer warns once unless
+            ``max_grad_norm`` is given (``float("inf")``: no clipping, no warning).
+            ``optimizer.clip_grad_norm_(max_norm)`` clips on demand and returns the
+            norm.
 
     Parameters may be float32, float64, bfloat16 or float16; the optimizer state is
     always float32 (``load_state_dict`` keeps it float32 rather than casting it to

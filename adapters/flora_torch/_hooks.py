@@ -4,8 +4,16 @@ With ``accumulation_steps > 1`` or ``layerwise=True`` every parameter that requi
 grad gets a post-accumulate-grad hook. The hook compresses ``p.grad`` into the
 ``acc`` state (FLORA Algorithm 1, ``flora_core.accumulation``) and frees it, so no
 full-size gradient survives between micro-batches; with ``layerwise=True`` it also
-applies the update as soon as the cycle is complete. Hooks hold the optimizer by a
-weak reference: a deleted optimizer leaves inert hooks behind.
+applies the update as soon as the cycle is complete (with ``max_grad_norm``, in
+``step()``: see ``flora_torch._clipping``). Hooks hold the optimizer by a weak
+reference: a deleted optimizer leaves inert hooks behind; a copy (``deepcopy``,
+``pickle``) hooks its own parameters again (``flora_torch._checkpoint``).
+
+NOTE [one owner per parameter]: the first hook to run consumes ``p.grad``, so two
+live optimizers hooking one parameter would race for it and the newer one (a
+notebook cell run twice, a resumed optimizer built beside the old one, as torch's
+own state-dict tests do) would silently get nothing. The optimizer that hooked a
+parameter last owns it; the older one's hook leaves it alone while the owner lives.
 
 NOTE [GradScaler with compressed accumulation]: with τ > 1 (or layerwise) the
 micro-batch gradients are compressed and freed inside backward, so
@@ -32,6 +40,9 @@ from flora_core import accumulation
 from flora_torch import distributed
 from flora_torch._checkpoint import XP
 
+# id(p) -> (p, owner), both weakly (NOTE [one owner per parameter])
+_OWNERS: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+
 
 class HooksMixin:
     """The hook side of ``FloraOptimizer`` (see the module docstring)."""
@@ -44,6 +55,7 @@ class HooksMixin:
         for p in self._plans:
             if p.requires_grad and p not in self._hooks:
                 self._hooks[p] = p.register_post_accumulate_grad_hook(_make_hook(ref))
+                _OWNERS[id(p)] = (weakref.ref(p), ref)
 
     def _on_grad_ready(self, p: torch.Tensor) -> None:
         """Inside backward: compress into ``acc`` (τ > 1) and/or update (layerwise)."""
@@ -57,7 +69,8 @@ class HooksMixin:
                 p.grad = None
                 return
             state = self._accumulate(p, config, micro_batches=1)
-            if self.layerwise and state["micro_step"] == self.accumulation_steps:
+            full = state["micro_step"] == self.accumulation_steps
+            if self.layerwise and full and not self._clips_in_step:
                 self._update(p, self._take_accumulated(p, state, None), group, config)
 
     def _accumulate(self, p: torch.Tensor, config: Any, micro_batches: int) -> dict:
@@ -110,9 +123,13 @@ class HooksMixin:
         _reset(state)
         return grad
 
+    def _param_states(self) -> list[dict[str, Any]]:
+        """The parameters' states (a hook may store other keys in ``self.state``)."""
+        return [self.state[p] for p in self._plans if p in self.state]
+
     def _drop_cycle(self) -> None:
         """Forget the cycle's micro-batches (a step skipped by GradScaler)."""
-        for state in self.state.values():
+        for state in self._param_states():
             if state.get("micro_step"):
                 _reset(state)
         self._cycle_micro_steps = 0
@@ -120,7 +137,7 @@ class HooksMixin:
     def _amp_unscale(self, scaler: Any) -> float | None:
         """1 / scale, or None when an accumulator is not finite (records found-inf)."""
         found: dict[torch.device, torch.Tensor] = {}
-        for state in self.state.values():
+        for state in self._param_states():
             if state.get("micro_step"):
                 acc = state["acc"]
                 if acc.device not in found:
@@ -137,10 +154,16 @@ def _reset(state: dict[str, Any]) -> None:
     state["micro_step"] = 0
 
 
+def _owner(p: torch.Tensor) -> Any:
+    entry = _OWNERS.get(id(p))
+    return entry[1]() if entry is not None and entry[0]() is p else None
+
+
 def _make_hook(ref: weakref.ref) -> Callable[[torch.Tensor], None]:
     def hook(p: torch.Tensor) -> None:
         optimizer = ref()
-        if optimizer is not None:
+        owner = _owner(p)  # None once the owner is gone: the others act again
+        if optimizer is not None and (owner is None or owner is optimizer):
             optimizer._on_grad_ready(p)
 
     return hook

@@ -27,7 +27,9 @@ from flora_core import accumulation, policy
 from flora_core.validation import check_gradient, check_lr, check_positive_int
 from flora_torch import distributed
 from flora_torch._checkpoint import XP, CheckpointMixin, metadata
+from flora_torch._clipping import ClippingMixin
 from flora_torch._hooks import HooksMixin
+from flora_torch._params import check_group_keys, split_names
 
 PLAN_KEYS = ("rank", "seed", "axis", "projection")
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -51,20 +53,26 @@ def check_group_lr(lr: object) -> None:
     check_lr(lr)
 
 
-class FloraOptimizer(HooksMixin, CheckpointMixin, torch.optim.Optimizer):
+class FloraOptimizer(HooksMixin, ClippingMixin, CheckpointMixin, torch.optim.Optimizer):
     """Base class of the FLORA optimizers (see the module docstring)."""
 
     _init: Callable[..., dict[str, Any]]
     _rule: Callable[..., tuple[torch.Tensor, dict[str, Any]]]
+    # what __init__ sets that a copy keeps (NOTE [copies] in flora_torch._checkpoint)
+    _copied_attrs = (
+        "accumulation_steps", "layerwise", "_plans", "_group_index", "_plan_args",
+        "_cycle_micro_steps", "_step_supports_amp_scaling",
+    )  # fmt: skip
 
     def __init__(
         self, params: Any, defaults: dict[str, Any], *, accumulation_steps: int,
-        layerwise: bool,
+        layerwise: bool, max_grad_norm: float | None = None,
     ) -> None:  # fmt: skip
         self.accumulation_steps = check_positive_int(
             "accumulation_steps", accumulation_steps
         )
         self.layerwise = check_flag("layerwise", layerwise)
+        self._init_clipping(max_grad_norm)
         self._plans: dict[torch.Tensor, policy.CompressionPlan] = {}
         self._group_index: dict[torch.Tensor, int] = {}
         self._hooks: dict[torch.Tensor, Any] = {}
@@ -99,11 +107,14 @@ class FloraOptimizer(HooksMixin, CheckpointMixin, torch.optim.Optimizer):
             raise TypeError(
                 f"param_group must be a dict, got {type(param_group).__name__}"
             )
+        check_group_keys(param_group, type(self).__name__)
         params = param_group["params"]
         if isinstance(params, torch.Tensor):
             params = [params]
         elif not isinstance(params, set):  # torch raises its own error for a set
-            params = list(params)
+            params, names = split_names(list(params))  # model.named_parameters()
+            if names is not None:
+                param_group["param_names"] = names
         param_group["params"] = params
         group = {**self.defaults, **param_group}
         self._check_group(group)
@@ -233,6 +244,7 @@ class FloraOptimizer(HooksMixin, CheckpointMixin, torch.optim.Optimizer):
             if inv_scale is None:  # non-finite: skip and drop the cycle
                 self._drop_cycle()
                 return loss
+        self._clip_before_update(inv_scale)  # see flora_torch._clipping
         for index, group in enumerate(self.param_groups):
             self._check_plan_keys(group, index)
             config = self._config(group)

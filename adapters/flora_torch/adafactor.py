@@ -35,7 +35,9 @@ class FloraAdafactor(FloraOptimizer):
 
     Args:
         params: parameters or param groups (dicts; any argument below except
-            ``accumulation_steps`` and ``layerwise`` can be set per group).
+            ``accumulation_steps``, ``layerwise`` and ``max_grad_norm`` can be set
+            per group), or ``model.named_parameters()`` (the names are kept in
+            ``param_groups`` and ``state_dict()`` as ``param_names``).
         lr: learning rate; relative to the parameter's RMS when
             ``multiply_by_parameter_scale`` (a float or 1-element tensor).
         momentum: β of the (compressed) momentum; None disables momentum (then
@@ -103,6 +105,7 @@ class FloraAdafactor(FloraOptimizer):
         axis: int | None = None,
         accumulation_steps: int = 1,
         layerwise: bool = False,
+        max_grad_norm: float | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, decay_rate=decay_rate, decay_offset=decay_offset,
@@ -114,8 +117,9 @@ class FloraAdafactor(FloraOptimizer):
             kappa=kappa, seed=seed, projection=projection, axis=axis,
         )  # fmt: skip
         super().__init__(
-            params, defaults, accumulation_steps=accumulation_steps, layerwise=layerwise
-        )
+            params, defaults, accumulation_steps=accumulation_steps,
+            layerwise=layerwise, max_grad_norm=max_grad_norm,
+        )  # fmt: skip
 
     def _config(self, group: dict[str, Any]) -> rules.AdafactorConfig:
         offset = group["decay_offset"]

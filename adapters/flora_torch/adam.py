@@ -32,7 +32,9 @@ class FloraAdam(FloraOptimizer):
 
     Args:
         params: parameters or param groups (dicts; any argument below except
-            ``accumulation_steps`` and ``layerwise`` can be set per group).
+            ``accumulation_steps``, ``layerwise`` and ``max_grad_norm`` can be set
+            per group), or ``model.named_parameters()`` (the names are kept in
+            ``param_groups`` and ``state_dict()`` as ``param_names``).
         lr: learning rate (a float or a 1-element tensor; LR schedulers work).
         betas: ``(β1, β2)``; β1 is the compressed momentum's decay.
         eps: added to ``sqrt(v̂)``.
@@ -85,6 +87,7 @@ class FloraAdam(FloraOptimizer):
         axis: int | None = None,
         accumulation_steps: int = 1,
         layerwise: bool = False,
+        max_grad_norm: float | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
@@ -92,8 +95,9 @@ class FloraAdam(FloraOptimizer):
             transfer=transfer, projection=projection, axis=axis,
         )  # fmt: skip
         super().__init__(
-            params, defaults, accumulation_steps=accumulation_steps, layerwise=layerwise
-        )
+            params, defaults, accumulation_steps=accumulation_steps,
+            layerwise=layerwise, max_grad_norm=max_grad_norm,
+        )  # fmt: skip
 
     def _config(self, group: dict[str, Any]) -> rules.AdamConfig:
         betas = group["betas"]

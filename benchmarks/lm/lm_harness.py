@@ -48,10 +48,10 @@ from _optimizers import make_optimizer, state_bytes
 ROOT = Path(__file__).resolve().parents[2]
 
 # The sources and packages a run's numbers depend on: a cached run is reused only
-# while all of them are unchanged.
+# while all of them are unchanged. Flora's own sources key only Flora's runs, so a
+# change to the library re-runs FLORA and leaves the baselines cached.
+FLORA_SOURCES = ("flora_core/*.py", "adapters/flora_torch/*.py")
 SOURCES = (
-    "flora_core/*.py",
-    "adapters/flora_torch/*.py",
     "benchmarks/_optimizers.py",
     "benchmarks/lm/llama.py",
     "benchmarks/lm/lm_harness.py",
@@ -60,9 +60,9 @@ SOURCES = (
 PACKAGES = ("torch", "numpy", "galore-torch", "apollo-torch", "bitsandbytes")
 
 
-def fingerprint() -> str:
+def fingerprint(flora: bool = True) -> str:
     h = hashlib.sha256()
-    for pattern in SOURCES:
+    for pattern in (FLORA_SOURCES if flora else ()) + SOURCES:
         for path in sorted(ROOT.glob(pattern)):
             h.update(path.relative_to(ROOT).as_posix().encode() + b"\0")
             h.update(path.read_bytes())
@@ -192,8 +192,11 @@ def _worker_init() -> None:
         _NICED = True
 
 
-def key(cfg: dict, print_: str) -> str:
-    text = json.dumps(cfg, sort_keys=True) + print_
+def key(cfg: dict, prints: dict[bool, str]) -> str:
+    """The cache key of a run: its configuration and the fingerprint of what its
+    numbers depend on (``prints[True]`` for Flora's optimizers)."""
+    flora = cfg["optimizer"].startswith("Flora")
+    text = json.dumps(cfg, sort_keys=True) + prints[flora]
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -214,7 +217,7 @@ class Runner:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.workers = workers
         self.estimate = estimate or (lambda cfg: 1.0)
-        self.print = fingerprint()
+        self.print = {True: fingerprint(), False: fingerprint(flora=False)}
         self.seconds = 0.0
         self.ran = 0
         self.reused = 0

@@ -7,7 +7,9 @@ import datetime
 import importlib.metadata
 import os
 import platform
+import subprocess
 import sys
+from pathlib import Path
 
 
 def cpu_model() -> str:
@@ -29,9 +31,24 @@ def versions(*packages: str) -> dict[str, str]:
     return out
 
 
+def commit() -> str:
+    """The repository's commit, with ``+changes`` when the tree differs from it
+    ("unknown" outside a git checkout)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root,
+                              capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+changes" if dirty else "")
+
+
 def provenance(*packages: str) -> dict[str, object]:
     return {
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "commit": commit(),
         "machine": {
             "cpu": cpu_model(),
             "cores": os.cpu_count(),
@@ -54,6 +71,7 @@ def markdown_header(title: str, meta: dict) -> str:
         f"- Machine: {machine['cpu']}, {machine['cores']} cores ({machine['platform']}), no GPU;"
         f" load average {machine.get('load_average_1m', '?')} at the start (other jobs"
         " share this machine: compare ratios within one run, not across runs)\n"
+        f"- Commit: {meta.get('commit', 'unknown')}\n"
         f"- Versions: {vers}\n"
         f"- Date: {meta['date']}\n\n"
     )

@@ -81,6 +81,13 @@ def parse(argv=None) -> argparse.Namespace:
         help="FLORA rank (default: the library's rank='auto': width // 4)",
     )
     p.add_argument("--kappa", type=int, default=100, help="resampling interval")
+    p.add_argument(
+        "--lr",
+        dest="lr_overrides",
+        default="",
+        help="learning rates to override, e.g. adamw=1e-3,flora-adam=3e-3 "
+        f"(defaults: {','.join(f'{k}={v:g}' for k, v in LEARNING_RATES.items())})",
+    )
     p.add_argument("--steps", type=int, default=300)
     p.add_argument(
         "--data", default=None, help="a UTF-8 text file (default: generated)"
@@ -104,6 +111,16 @@ def parse(argv=None) -> argparse.Namespace:
         p.error(f"--steps must be >= 1, got {args.steps}")
     args.names = names
     args.lr = dict(LEARNING_RATES)
+    for item in filter(None, args.lr_overrides.split(",")):
+        name, _, value = item.partition("=")
+        if name not in OPTIMIZERS:
+            p.error(f"--lr: unknown optimizer {name!r}; choose from {OPTIMIZERS}")
+        try:
+            args.lr[name] = float(value)
+        except ValueError:
+            p.error(f"--lr: {item!r} is not name=float")
+        if not args.lr[name] > 0:
+            p.error(f"--lr: {name} must be > 0, got {value}")
     if args.rank is None:
         args.rank = "auto"
     return args

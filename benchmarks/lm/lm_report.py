@@ -222,6 +222,13 @@ def markdown(payload: dict) -> str:
         f"{s['batch']}, {s['steps']} steps, ranks {s['ranks']}"
         for s in scale["sizes"]
     )
+    names = [s["name"] for s in scale["sizes"]]
+    swept = ", ".join(names[: scale["swept"]])
+    borrowed = (
+        f"{', '.join(names[scale['swept'] :])} takes each method's best lr at "
+        f"{names[0]} (the same rank fraction), seeds {scale['seeds']}, no sweep; "
+        if len(names) > scale["swept"] else ""
+    )  # fmt: skip
     md += (
         f"Corpus: the Python {corpus['python']} standard library's `*.py` files "
         f"({corpus['files']['train']} train / {corpus['files']['valid']} validation "
@@ -238,9 +245,10 @@ def markdown(payload: dict) -> str:
         f"weight decay {scale['weight_decay']:g}. GaLore, APOLLO and FLORA project the "
         f"attention and feed-forward matrices; embeddings, head and norms get each "
         f"method's base optimizer. κ = update_proj_gap = {scale['kappa']}. Learning "
-        f"rate: each method and rank swept over its grid with seed 0 (final validation "
-        f"loss), then seeds {scale['seeds']} at the best one; `*` marks a best lr at "
-        f"the edge of its grid. Validation loss: nats per token on "
+        f"rate: at {swept}, each method and rank swept over its grid with seed 0 "
+        f"(final validation loss), then seeds {scale['seeds']} at the best one; "
+        f"{borrowed}`*` marks a best lr at the edge of its grid. Validation loss: "
+        f"nats per token on "
         f"{scale['final_windows']} fixed windows spread over the validation files. "
         f"Seconds per step: median over the run (forward, backward, clipping, step), "
         f"1 torch thread per run, {payload['runs']['workers']} runs at a time.\n\n"
@@ -288,6 +296,8 @@ def markdown(payload: dict) -> str:
     md += "\n## Learning-rate sweeps (seed 0, final validation loss)\n\n"
     md += "| size | optimizer | lr: loss |\n|---|---|---|\n"
     for r in payload["rows"]:
+        if not r["sweep"]:
+            continue
         cells = ", ".join(
             f"{p['lr']:g}: " + ("failed" if p["error"] else "diverged" if p["diverged"]
                                 else f"{p['final_valid_loss']:.3f}")

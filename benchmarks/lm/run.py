@@ -7,9 +7,12 @@ library's own source (``stdlib_corpus.py``: split by file, a byte-level BPE trai
 here, nothing downloaded) at two sizes, with the optimizers a user would pick
 instead of FLORA and with FLORA's, each at its own best learning rate:
 
-1. sweep: every method and rank over its learning-rate grid, seed 0; the best
-   final validation loss picks the learning rate (diverged runs never win);
-2. seeds: the best learning rate again with the other seeds.
+1. sweep, at the first size only: every method and rank over its learning-rate
+   grid, seed 0; the best final validation loss picks the learning rate (diverged
+   runs never win);
+2. seeds: the best learning rate again with the other seeds; the larger size takes
+   each method's best learning rate from the first (the same rank fraction), seeds
+   0 and 1 (a sweep there too would double the run for a 1.5x wider model).
 
 Then ``lm_report.py`` writes ``benchmarks/results/lm_frontier.{json,md,png}``:
 validation loss against optimizer-state bytes (seed range as error bars), the
@@ -82,6 +85,7 @@ class Scale:
     eval_windows: int = 32
     final_windows: int = 256
     lr_points: int | None = None  # quick: only the grid's middle point
+    swept: int = 1  # the first ``swept`` sizes sweep; the others take their lr
     methods: dict = field(default_factory=lambda: dict(METHODS))
 
 
@@ -177,9 +181,9 @@ def estimate(scale: Scale):
 
 
 def plan(scale: Scale, corpus_key: str, names: list[str]) -> dict[str, list[dict]]:
-    """The sweep (seed 0) configurations of every size and method."""
+    """The sweep (seed 0) configurations of every swept size and method."""
     out = {}
-    for size in scale.sizes:
+    for size in scale.sizes[: scale.swept]:
         base = base_config(scale, size, corpus_key)
         for name, rank in variants(scale, size, names):
             out[f"{size.name}|{name}|{rank}"] = [
@@ -224,10 +228,14 @@ def main(argv: list[str] | None = None) -> None:
     names = [n for n in names if n not in failed]
     sweeps = plan(scale, corpus.meta["key"][:16], names)
     cost = estimate(scale)
-    n_runs = sum(len(v) for v in sweeps.values()) + len(sweeps) * (len(scale.seeds) - 1)
-    total = sum(cost(c) for v in sweeps.values() for c in v) + sum(
-        cost(v[0]) * (len(scale.seeds) - 1) for v in sweeps.values()
-    )
+    unswept = borrowed(scale, corpus.meta["key"][:16], names,
+                       {k: v[:1] for k, v in sweeps.items()})  # fmt: skip
+    n_runs = (sum(len(v) for v in sweeps.values())
+              + len(sweeps) * (len(scale.seeds) - 1)
+              + sum(len(v) for v in unswept.values()))  # fmt: skip
+    total = (sum(cost(c) for v in sweeps.values() for c in v)
+             + sum(cost(v[0]) * (len(scale.seeds) - 1) for v in sweeps.values())
+             + sum(cost(c) for v in unswept.values() for c in v))  # fmt: skip
     print(f"{n_runs} runs: {', '.join(s.name for s in scale.sizes)}; {len(names)} "
           f"optimizers; estimate {total / 60:.0f} min of compute, about "
           f"{total / 60 / max(1, args.workers):.0f} min with {args.workers} workers on "
@@ -244,6 +252,8 @@ def main(argv: list[str] | None = None) -> None:
     for k, runs in swept.items():
         pick = best(runs)
         finals[k] = [dict(pick_config(pick), seed=s) for s in scale.seeds]
+    finals.update(borrowed(scale, corpus.meta["key"][:16], names, finals))
+    swept.update({k: [] for k in finals if k not in swept})
     flat = [c for v in finals.values() for c in v]
     results = iter(runner(flat))
     seeds = {k: [next(results) for _ in v] for k, v in finals.items()}
@@ -261,6 +271,25 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     print(payload["markdown"])
     print(f"wrote {out}/lm_frontier.{{json,md,png}} in {wall / 60:.1f} min")
+
+
+def borrowed(
+    scale: Scale, corpus_key: str, names: list[str], finals: dict[str, list[dict]]
+) -> dict[str, list[dict]]:
+    """The seed runs of each size that is not swept, at the learning rate its
+    method (and rank, by position: width/8, width/4) picked at the first size."""
+    first = scale.sizes[0]
+    out = {}
+    for size in scale.sizes[scale.swept :]:
+        base = base_config(scale, size, corpus_key)
+        for name, rank in variants(scale, size, names):
+            at = None if rank is None else first.ranks[size.ranks.index(rank)]
+            lr = finals[f"{first.name}|{name}|{at}"][0]["lr"]
+            out[f"{size.name}|{name}|{rank}"] = [
+                dict(base, optimizer=name, rank=rank, lr=lr, seed=s)
+                for s in scale.seeds
+            ]
+    return out
 
 
 def pick_config(result: dict) -> dict:

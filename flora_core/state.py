@@ -483,7 +483,7 @@ def is_state_key(key: str) -> bool:
     if key in GLOBAL_KEYS:
         return True
     match = KEY_PATTERN.fullmatch(key)
-    return bool(match) and match.group(2) in (*ARRAY_FIELDS, *METADATA_FIELDS)
+    return match is not None and match.group(2) in (*ARRAY_FIELDS, *METADATA_FIELDS)
 
 
 __all__ = [

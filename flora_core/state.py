@@ -79,6 +79,10 @@ class FloraStateWarning(UserWarning):
 class Header:
     """What gives a state's arrays their meaning, beyond the plans.
 
+    Each of ``optimizer``, ``hyperparameters`` and ``accumulation_steps`` is one
+    value for every parameter, or a tuple with one per parameter in the order of the
+    plans (torch param groups, ``optax.multi_transform``).
+
     Attributes:
         optimizer: the rule that wrote the state, a key of :data:`MEANINGFUL`.
         hyperparameters: its hyper-parameters (JSON values; a config dataclass's
@@ -89,23 +93,44 @@ class Header:
         framework: who wrote it ("torch", "optax", "keras-jax", ...): information.
     """
 
-    optimizer: str
-    hyperparameters: Mapping[str, Any]
-    accumulation_steps: int = 1
+    optimizer: str | tuple[str, ...]
+    hyperparameters: Mapping[str, Any] | tuple[Mapping[str, Any], ...]
+    accumulation_steps: int | tuple[int, ...] = 1
     names: tuple[str | None, ...] = ()
     framework: str = ""
 
     def __post_init__(self) -> None:
-        if self.optimizer not in MEANINGFUL:
-            raise ValueError(
-                f"Unknown optimizer {self.optimizer!r}; expected one of "
-                f"{tuple(MEANINGFUL)}"
-            )
+        kinds = (
+            self.optimizer if isinstance(self.optimizer, tuple) else (self.optimizer,)
+        )
+        for kind in kinds:
+            if kind not in MEANINGFUL:
+                raise ValueError(
+                    f"Unknown optimizer {kind!r}; expected one of {tuple(MEANINGFUL)}"
+                )
 
     @classmethod
     def of(cls, optimizer: str, config: Any, **kwargs: Any) -> Header:
         """The header of a rule's config dataclass (``rules.AdamConfig`` ...)."""
         return cls(optimizer, dataclasses.asdict(config), **kwargs)
+
+    def per_param(self, n: int) -> list[tuple[str, dict[str, Any], int]]:
+        """``(optimizer, JSON hyper-parameters, τ)`` of each of ``n`` parameters."""
+
+        def spread(value: Any, kind: type | tuple[type, ...]) -> tuple[Any, ...]:
+            if isinstance(value, tuple) and not isinstance(value, kind):
+                if len(value) != n:
+                    raise ValueError(f"{len(value)} header entries for {n} parameters")
+                return value
+            return (value,) * n
+
+        kinds = spread(self.optimizer, str)
+        configs = spread(self.hyperparameters, dict)
+        taus = spread(self.accumulation_steps, int)
+        return [
+            (kind, {k: _json(v) for k, v in dict(config).items()}, int(tau))
+            for kind, config, tau in zip(kinds, configs, taus, strict=True)
+        ]
 
 
 # --------------------------------------------------------------------------------------
@@ -178,8 +203,9 @@ def _header_document(
     plans: Sequence[CompressionPlan], header: Header, flat: Mapping[str, np.ndarray]
 ) -> dict[str, Any]:
     names = header.names or (None,) * len(plans)
+    per_param = header.per_param(len(plans))
     params = []
-    for plan, name in zip(plans, names, strict=True):
+    for plan, name, (kind, config, tau) in zip(plans, names, per_param, strict=True):
         prefix = f"param.{plan.param_index}."
         fields = {
             key[len(prefix) :]: {"dtype": value.dtype.str, "shape": list(value.shape)}
@@ -196,6 +222,9 @@ def _header_document(
                 "seed": str(plan.seed),
                 "stream": plan.base_stream,
                 "distribution": plan.distribution,
+                "optimizer": kind,
+                "hyperparameters": config,
+                "accumulation_steps": tau,
                 "fields": fields,
             }
         )
@@ -203,9 +232,6 @@ def _header_document(
         "format": "flora-state",
         "format_version": FORMAT_VERSION,
         "rng_version": RNG_VERSION,
-        "optimizer": header.optimizer,
-        "hyperparameters": {k: _json(v) for k, v in header.hyperparameters.items()},
-        "accumulation_steps": int(header.accumulation_steps),
         "framework": header.framework,
         "params": params,
     }
@@ -304,10 +330,11 @@ def import_state(
             non-finite value or a negative second moment.
     """
     document = read_header(flat)
+    per_param = header.per_param(len(plans))
     if document is None:
-        _warn_format_1(header)
+        _warn_format_1(per_param)
     else:
-        _check_document(document, header, len(plans))
+        _check_document(document, len(plans))
     num_params = _scalar_int(flat, "flora.num_params")
     if num_params != len(plans):
         raise ValueError(
@@ -319,7 +346,7 @@ def import_state(
         {} if document is None else {p["index"]: p for p in document["params"]}
     )
     states = []
-    for plan, name in zip(plans, names, strict=True):
+    for plan, name, mine in zip(plans, names, per_param, strict=True):
         prefix = f"param.{plan.param_index}."
         if prefix + "rng_version" not in flat:
             raise ValueError(
@@ -327,19 +354,22 @@ def import_state(
             )
         _check_metadata(flat, prefix, plan)
         if plan.param_index in file_params:
-            _check_name(file_params[plan.param_index].get("name"), name, plan)
+            saved = file_params[plan.param_index]
+            _check_name(saved.get("name"), name, plan)
+            _check_meaning(saved, mine, plan)
         fields = {
             key: np.asarray(flat[prefix + key])
             for key in ARRAY_FIELDS
             if prefix + key in flat
         }
-        _check_values(fields, plan, header.accumulation_steps)
+        check_values(fields, plan, mine[2])
         states.append(fields)
     return states
 
 
-def _warn_format_1(header: Header) -> None:
-    unchecked = ", ".join(MEANINGFUL[header.optimizer])
+def _warn_format_1(per_param: list[tuple[str, dict[str, Any], int]]) -> None:
+    kinds = sorted({kind for kind, _, _ in per_param})
+    unchecked = ", ".join(sorted({k for kind in kinds for k in MEANINGFUL[kind]}))
     warnings.warn(
         "Loading a format-1 Flora state: it records neither the optimizer that wrote "
         f"it nor its hyper-parameters ({unchecked}, accumulation_steps) nor parameter "
@@ -350,25 +380,37 @@ def _warn_format_1(header: Header) -> None:
     )
 
 
-def _check_document(document: Mapping[str, Any], header: Header, n: int) -> None:
+def _check_document(document: Mapping[str, Any], n: int) -> None:
     if document.get("rng_version") != RNG_VERSION:
         raise ValueError(
             f"rng_version: file {document.get('rng_version')}, optimizer {RNG_VERSION}"
         )
-    if document.get("optimizer") != header.optimizer:
-        raise ValueError(
-            f"optimizer: file {document.get('optimizer')!r}, optimizer "
-            f"{header.optimizer!r} (a state of one optimizer means something else "
-            "to another)"
-        )
-    saved = document.get("hyperparameters", {})
-    mine = {k: _json(v) for k, v in header.hyperparameters.items()}
-    for key in MEANINGFUL[header.optimizer]:
-        if key in mine and saved.get(key, mine[key]) != mine[key]:
-            raise ValueError(f"{key}: file {saved.get(key)!r}, optimizer {mine[key]!r}")
-    params = document.get("params", [])
+    params = document.get("params")
+    if not isinstance(params, list) or not all(isinstance(p, dict) for p in params):
+        raise ValueError("The state's header has no parameter list")
     if len(params) != n:
         raise ValueError(f"num_params: file {len(params)}, optimizer {n}")
+
+
+def _check_meaning(
+    saved: Mapping[str, Any],
+    mine: tuple[str, dict[str, Any], int],
+    plan: CompressionPlan,
+) -> None:
+    """The file's optimizer and meaningful hyper-parameters equal the receiver's."""
+    kind, config, _ = mine
+    where = f"Parameter {plan.param_index}"
+    if saved.get("optimizer") != kind:
+        raise ValueError(
+            f"{where} optimizer: file {saved.get('optimizer')!r}, optimizer {kind!r} "
+            "(a state of one optimizer means something else to another)"
+        )
+    stored = saved.get("hyperparameters", {})
+    for key in MEANINGFUL[kind]:
+        if key in config and stored.get(key, config[key]) != config[key]:
+            raise ValueError(
+                f"{where} {key}: file {stored.get(key)!r}, optimizer {config[key]!r}"
+            )
 
 
 def _check_tau(fields: Mapping[str, np.ndarray], tau: int, where: str) -> None:
@@ -386,9 +428,12 @@ def _check_tau(fields: Mapping[str, np.ndarray], tau: int, where: str) -> None:
         )
 
 
-def _check_values(
+def check_values(
     fields: dict[str, np.ndarray], plan: CompressionPlan, tau: int
 ) -> None:
+    """Range checks of one parameter's fields (numpy arrays), in place: counters
+    become int64 scalars in range, ``micro_step < τ``, every float finite and the
+    second moments non-negative (docs/spec.md §5.6)."""
     where = f"Parameter {plan.param_index}"
     for name in COUNTERS:
         if name not in fields:
@@ -492,6 +537,7 @@ __all__ = [
     "FloraStateWarning",
     "Header",
     "MEANINGFUL",
+    "check_values",
     "checksum",
     "export_state",
     "expected_layout",

@@ -171,7 +171,15 @@ def load_state(
             if suffix == ".npz":
                 return _read_npz(f, index)
             return {k: _read_range(f, e) for k, e in index.items()}
-    except (zipfile.BadZipFile, EOFError, struct.error, OSError) as error:
+    except (
+        zipfile.BadZipFile,  # a damaged archive
+        NotImplementedError,  # zipfile: an unknown version or method byte
+        RuntimeError,  # zipfile: an "encrypted" flag
+        UnicodeDecodeError,  # a member name that is not UTF-8
+        EOFError,
+        struct.error,
+        OSError,
+    ) as error:
         if isinstance(error, FileNotFoundError):
             raise
         raise ValueError(f"{path}: not a readable state file ({error})") from None

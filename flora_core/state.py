@@ -429,38 +429,45 @@ def _check_tau(fields: Mapping[str, np.ndarray], tau: int, where: str) -> None:
 
 
 def check_values(
-    fields: dict[str, np.ndarray], plan: CompressionPlan, tau: int
+    fields: dict[str, Any], plan: CompressionPlan, tau: int, *, xp: Any = None
 ) -> None:
-    """Range checks of one parameter's fields (numpy arrays), in place: counters
-    become int64 scalars in range, ``micro_step < τ``, every float finite and the
-    second moments non-negative (docs/spec.md §5.6)."""
+    """Range checks of one parameter's fields, in place (docs/spec.md §5.6): each
+    counter (an int or integer scalar array) becomes a Python-int-valued int64 numpy
+    scalar in ``[0, 2**31)``, ``micro_step < τ``; every float array (of namespace
+    ``xp``, numpy by default) is finite and the second moments are non-negative."""
     where = f"Parameter {plan.param_index}"
     for name in COUNTERS:
-        if name not in fields:
-            continue
-        value = fields[name]
-        if value.shape != () or value.dtype.kind not in "iu":
-            raise ValueError(
-                f"{where}: {name} must be an integer scalar, got dtype {value.dtype} "
-                f"shape {value.shape}"
-            )
-        if not 0 <= int(value) <= MAX_COUNT:
-            raise ValueError(f"{where}: {name} {int(value)} is out of range [0, 2**31)")
-        fields[name] = np.asarray(int(value), dtype=np.int64)
+        if name in fields:
+            fields[name] = np.asarray(_counter(fields[name], name, where), np.int64)
     _check_tau(fields, tau, where)
+    xp = xp or _xp.namespace_for("numpy")
     for name, value in fields.items():
         if name in COUNTERS:
             continue
-        if value.dtype.kind != "f":
+        if not xp.isdtype(value.dtype, "real floating"):
             raise ValueError(
                 f"{where}: {name} must be floating point, got {value.dtype}"
             )
-        if not np.all(np.isfinite(value)):
+        if not bool(xp.all(xp.isfinite(value))):
             raise ValueError(f"{where}: {name} holds non-finite values (NaN or Inf)")
-        if name in SECOND_MOMENTS and np.any(value < 0):
+        if name in SECOND_MOMENTS and bool(xp.any(value < 0)):
             raise ValueError(
                 f"{where}: {name} holds negative values (a second moment is >= 0)"
             )
+
+
+def _counter(value: Any, name: str, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        array = np.asarray(_host(value))
+        if array.shape != () or array.dtype.kind not in "iu":
+            raise ValueError(
+                f"{where}: {name} must be an integer scalar, got dtype {array.dtype} "
+                f"shape {array.shape}"
+            )
+        value = int(array)
+    if not 0 <= value <= MAX_COUNT:
+        raise ValueError(f"{where}: {name} {value} is out of range [0, 2**31)")
+    return value
 
 
 def _check_name(saved: str | None, mine: str | None, plan: CompressionPlan) -> None:
@@ -518,9 +525,32 @@ def _describe(name: str, value: np.ndarray) -> str:
     return str(value.tolist())
 
 
-def expected_layout(flat: Mapping[str, Any]) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """``{key: (dtype, shape)}`` of a flat state: what a file for it must hold."""
+Layout = dict[str, tuple[str, tuple[int, ...]]]
+
+
+def expected_layout(flat: Mapping[str, Any]) -> Layout:
+    """``{key: (dtype, shape)}`` of a flat state (or a layout, returned as is)."""
+    if all(isinstance(v, tuple) for v in flat.values()):
+        return dict(flat)
     return {k: (np.asarray(v).dtype.str, tuple(np.shape(v))) for k, v in flat.items()}
+
+
+def layout_for(
+    plans: Sequence[CompressionPlan], shapes: Sequence[Mapping[str, tuple[int, ...]]]
+) -> Layout:
+    """What a file for these plans must hold, without building any array: the
+    metadata, the counters and each parameter's float fields of ``shapes`` (a file
+    may lack fields, e.g. ``acc``; :func:`import_state` and the adapter judge)."""
+    layout: Layout = {}
+    for plan, fields in zip(plans, shapes, strict=True):
+        prefix = f"param.{plan.param_index}."
+        for name, value in plan_metadata(plan).items():
+            layout[prefix + name] = (value.dtype.str, value.shape)
+        for name in COUNTERS:
+            layout[prefix + name] = (np.dtype(np.int64).str, ())
+        for name, shape in fields.items():
+            layout[prefix + name] = (np.dtype(np.float32).str, tuple(shape))
+    return layout
 
 
 def is_state_key(key: str) -> bool:

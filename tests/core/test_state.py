@@ -73,7 +73,10 @@ def _with_header(flat, **changes):
 @pytest.mark.parametrize(
     "changes,match",
     [
-        ({"params.0.optimizer": "adafactor"}, "optimizer: file .adafactor., optimizer .adam."),
+        (
+            {"params.0.optimizer": "adafactor"},
+            "optimizer: file .adafactor., optimizer .adam.",
+        ),
         ({"params.0.hyperparameters.kappa": 1000}, "kappa: file 1000, optimizer 10"),
         ({"params.1.hyperparameters.b1": 0.95}, "b1: file 0.95, optimizer 0.9"),
         ({"params.0.hyperparameters.second_moment": "gradient"}, "second_moment: file"),

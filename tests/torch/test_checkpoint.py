@@ -151,11 +151,11 @@ def test_export_is_the_portable_schema_and_import_checks_it() -> None:
     worker.train(model, optimizer, "adam", 0, 2)
     flat = optimizer.export_state()
     plans = [optimizer.plan_of(p) for p in model.parameters()]
-    states = portable.import_state(flat, plans)  # the core reads it back
+    states = portable.import_state(flat, plans, optimizer.state_header())
     assert int(states[0]["count"]) == 2
     np.testing.assert_array_equal(
         states[0]["mu"], optimizer.state[model[0].weight]["mu"]
     )
     other = FloraAdam(model.parameters(), **{**worker.CASES["adam"][1], "seed": 4})
-    with pytest.raises(ValueError, match="saved seed 3 != optimizer's 4"):
+    with pytest.raises(ValueError, match="Parameter 0 seed: file 3, optimizer 4"):
         other.import_state(flat)

@@ -1,4 +1,4 @@
-"""state_dict (weights_only, portable names, bit-exact resume) and the npz form."""
+"""state_dict (weights_only, portable names, bit-exact resume) and the portable form."""
 
 from __future__ import annotations
 
@@ -130,16 +130,18 @@ def test_load_state_of_another_rule_raises() -> None:
         other.load_state_dict(optimizer.state_dict())
 
 
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
 @pytest.mark.parametrize("case", sorted(worker.CASES))
-def test_export_import_continues_bit_exactly(case: str, tmp_path: Path) -> None:
+def test_export_import_continues_bit_exactly(
+    case: str, suffix: str, tmp_path: Path
+) -> None:
     middle, total = worker.split(case)
     model, optimizer = worker.build(case)
     worker.train(model, optimizer, case, 0, middle)
-    np.savez(tmp_path / "state.npz", **optimizer.export_state())
+    optimizer.export_state(tmp_path / f"state{suffix}")
     copy, fresh = worker.build(case)
     copy.load_state_dict(model.state_dict())
-    with np.load(tmp_path / "state.npz") as flat:
-        fresh.import_state(dict(flat))
+    fresh.import_state(tmp_path / f"state{suffix}")
     worker.train(model, optimizer, case, middle, total)
     worker.train(copy, fresh, case, middle, total)
     for a, b in zip(model.parameters(), copy.parameters(), strict=True):

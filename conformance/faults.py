@@ -11,13 +11,16 @@ three outcomes:
   never happen.
 
 Used by ``tests/core/test_state_files.py`` (which asserts no ``altered``) and
-``benchmarks/fault_injection.py`` (which writes the tally to ``benchmarks/results``).
+``benchmarks/fault_injection.py`` (more seeds, the torch adapter and torch's own
+container; writes ``benchmarks/results/fault_injection.{json,md}``).
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
+import re
 import struct
 import zipfile
 from collections import Counter
@@ -37,7 +40,7 @@ FLIPS = 200
 @dataclass(frozen=True)
 class Fault:
     kind: str  # "truncation", "flip", "crafted"
-    container: str  # ".npz" or ".safetensors"
+    container: str  # ".npz", ".safetensors" (or another file type: ".pt")
     detail: str
     data: bytes
 
@@ -52,16 +55,21 @@ def faults(flat: Mapping[str, Any], workdir: Path, seed: int = 0) -> Iterator[Fa
     """Truncations, random single-bit flips and crafted files of both containers."""
     rs = np.random.default_rng(seed)
     for suffix in state_files.SUFFIXES:
-        data = good_file(flat, suffix, workdir)
-        for cut in np.linspace(0, len(data), TRUNCATIONS, endpoint=False, dtype=int):
-            yield Fault("truncation", suffix, f"first {cut} of {len(data)} bytes",
-                        data[:cut])  # fmt: skip
-        for _ in range(FLIPS):
-            where, bit = int(rs.integers(len(data))), int(rs.integers(8))
-            flipped = bytearray(data)
-            flipped[where] ^= 1 << bit
-            yield Fault("flip", suffix, f"byte {where} bit {bit}", bytes(flipped))
+        yield from damaged(good_file(flat, suffix, workdir), suffix, rs)
     yield from crafted(flat)
+
+
+def damaged(data: bytes, container: str, rs: np.random.Generator) -> Iterator[Fault]:
+    """:data:`TRUNCATIONS` evenly spaced truncations and :data:`FLIPS` random
+    single-bit flips of the file ``data`` (any container)."""
+    for cut in np.linspace(0, len(data), TRUNCATIONS, endpoint=False, dtype=int):
+        yield Fault("truncation", container, f"first {cut} of {len(data)} bytes",
+                    data[:cut])  # fmt: skip
+    for _ in range(FLIPS):
+        where, bit = int(rs.integers(len(data))), int(rs.integers(8))
+        flipped = bytearray(data)
+        flipped[where] ^= 1 << bit
+        yield Fault("flip", container, f"byte {where} bit {bit}", bytes(flipped))
 
 
 def _npz(members: Mapping[str, bytes], compress: bool = False) -> bytes:
@@ -139,33 +147,62 @@ def crafted(flat: Mapping[str, Any]) -> Iterator[Fault]:
 
 
 def _safetensors(header: dict[str, Any]) -> bytes:
-    text = __import__("json").dumps(header).encode()
+    text = json.dumps(header).encode()
     return struct.pack("<Q", len(text)) + text + b"\0" * 16
 
 
-def outcome(
-    fault: Fault,
-    flat: Mapping[str, Any],
-    plans: Sequence[Any],
-    header: state.Header,
-    workdir: Path,
-) -> str:
-    """``refused``, ``unchanged`` or ``altered`` (see the module docstring)."""
+def judge(
+    fault: Fault, load: Callable[[Path], Any], workdir: Path
+) -> tuple[str, BaseException | None]:
+    """Write ``fault`` to a file, ``load`` it; ``("refused", error)`` if that raises,
+    else ``(outcome of the loaded value, None)``: ``load`` returns True for
+    ``unchanged``, False for ``altered``. Any exception counts as a refusal here;
+    :func:`error_name` tells a named ``ValueError`` from a crash."""
     path = workdir / f"fault{fault.container}"
     path.write_bytes(fault.data)
     try:
-        loaded = state_files.load_state(path, like=flat)
-        imported = state.import_state(loaded, plans, header)
-    except ValueError:
-        return "refused"
+        same = load(path)
+    except Exception as error:
+        return "refused", error
     finally:
         os.unlink(path)
+    return ("unchanged" if same else "altered"), None
+
+
+def error_name(error: BaseException) -> str:
+    """The exception's type and the gist of its message (no path, no numbers)."""
+    text = str(error).split("\n")[0]
+    text = re.sub(r"^\S+\.(npz|safetensors|pt): ", "", text)
+    text = re.sub(r"'[^']*'", "'…'", text)  # damaged keys and values
+    text = re.sub(r"param\.\d+\.[a-z_]+(\.npy)?", "param.{i}.{field}", text)
+    text = re.sub(r"\d+", "N", text)
+    text = re.sub(r"\s*[({\[].*", "", text)
+    return f"{type(error).__name__}: {text[:72]}"
+
+
+def loader(
+    flat: Mapping[str, Any], plans: Sequence[Any], header: state.Header
+) -> Callable[[Path], bool]:
+    """Load a file the way an adapter does; True when it equals ``flat``'s state."""
     original = state.import_state(flat, plans, header)
-    same = all(
-        a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-        for a, b in zip(imported, original, strict=True)
-    )
-    return "unchanged" if same else "altered"
+
+    def load(path: Path) -> bool:
+        imported = state.import_state(
+            state_files.load_state(path, like=flat), plans, header
+        )
+        return all(
+            a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+            for a, b in zip(imported, original, strict=True)
+        )
+
+    return load
+
+
+def outcome(result: str, error: BaseException | None) -> str:
+    """``judge``'s result, with any exception but a named ``ValueError`` re-raised."""
+    if error is not None and not isinstance(error, ValueError):
+        raise error
+    return result
 
 
 def tally(
@@ -176,9 +213,10 @@ def tally(
     report: Callable[[Fault, str], None] | None = None,
 ) -> dict[str, Counter]:
     """Outcome counts per fault kind (``report`` sees every fault and its outcome)."""
+    load = loader(flat, plans, header)
     counts: dict[str, Counter] = {}
     for fault in faults(flat, workdir):
-        result = outcome(fault, flat, plans, header, workdir)
+        result = outcome(*judge(fault, load, workdir))
         counts.setdefault(f"{fault.kind} {fault.container}", Counter())[result] += 1
         if report is not None:
             report(fault, result)

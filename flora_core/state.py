@@ -436,6 +436,8 @@ def check_values(
     scalar in ``[0, 2**31)``, ``micro_step < τ``; every float array (of namespace
     ``xp``, numpy by default) is finite and the second moments are non-negative."""
     where = f"Parameter {plan.param_index}"
+    if "count" not in fields:
+        raise ValueError(f"{where}: the state has no 'count' (updates applied)")
     for name in COUNTERS:
         if name in fields:
             fields[name] = np.asarray(_counter(fields[name], name, where), np.int64)
@@ -460,9 +462,10 @@ def _counter(value: Any, name: str, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         array = np.asarray(_host(value))
         if array.shape != () or array.dtype.kind not in "iu":
+            got = array.item() if array.size == 1 else f"shape {array.shape}"
             raise ValueError(
-                f"{where}: {name} must be an integer scalar, got dtype {array.dtype} "
-                f"shape {array.shape}"
+                f"{where}: {name} must be an integer scalar, got {got!r} "
+                f"({array.dtype})"
             )
         value = int(array)
     if not 0 <= value <= MAX_COUNT:

@@ -169,7 +169,8 @@ class CheckpointMixin:
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
-                "loaded state dict has a different number of parameter groups"
+                f"Cannot load: param_groups: state dict {len(saved_groups)}, "
+                f"optimizer {len(self.param_groups)}"
             )
         for index, group in enumerate(saved_groups):
             self._check_saved_group(index, group)

@@ -31,14 +31,17 @@ given state dict as float32 after the base class has loaded it.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections import OrderedDict
+from collections.abc import Mapping
 from itertools import chain
 from typing import Any
 
 import numpy as np
 import torch
 
-from flora_core import accumulation
+from flora_core import accumulation, state_files
 from flora_core import state as portable
 from flora_core._xp import namespace_for
 from flora_core.state import plan_metadata
@@ -60,12 +63,7 @@ class CheckpointMixin:
     ) -> None:
         """Raise unless ``arrays`` holds exactly the rule's fields, in its shapes."""
         plan = self._plans[p]
-        expected = self._init(plan, config, xp=XP, device=torch.device("meta"))
-        expected.pop("count")
-        if self.accumulation_steps > 1:
-            expected["acc"] = torch.empty(
-                accumulation.accumulator_shape(plan), device="meta"
-            )
+        expected = self._expected_fields(p, config)
         where = f"Parameter {plan.param_index} (shape {plan.shape})"
         for name, want in expected.items():
             if name == "acc" and name not in arrays:
@@ -162,18 +160,63 @@ class CheckpointMixin:
             post_hook(self)
 
     def _load_checked(self, state_dict: dict[str, Any]) -> None:
+        for key in ("state", "param_groups"):
+            if not isinstance(state_dict, Mapping) or key not in state_dict:
+                raise ValueError(
+                    f"Cannot load: the state dict has no {key!r} (expected what "
+                    f"{type(self).__name__}.state_dict() returns)"
+                )
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
-                "loaded state dict has a different number of parameter groups"
+                f"Cannot load: param_groups: state dict {len(saved_groups)}, "
+                f"optimizer {len(self.param_groups)}"
             )
         for index, group in enumerate(saved_groups):
-            for key, value in self._plan_args[index].items():
-                if key in group and group[key] != value:
-                    raise ValueError(
-                        f"Cannot load: param group {index} was saved with {key}="
-                        f"{group[key]!r}, this optimizer has {key}={value!r}"
-                    )
+            self._check_saved_group(index, group)
+        saved_states = state_dict["state"]
+        self._check_saved_states(saved_states, saved_groups)
+        saved_ids = list(chain.from_iterable(g["params"] for g in saved_groups))
+        ordered = self._ordered()
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+        for pid, (p, _) in zip(saved_ids, ordered, strict=True):
+            if pid in saved_states:  # NOTE [float32 state on load]
+                self.state[p] = self._installed(p, saved_states[pid])
+        self._resume_cycle()
+
+    def _check_saved_group(self, index: int, group: Mapping[str, Any]) -> None:
+        """A saved group's hyper-parameters pass the constructor's checks; its plan
+        keys and parameter names are this optimizer's."""
+        mine = self.param_groups[index]
+        if "params" not in group:
+            raise ValueError(f"Cannot load: param_groups[{index}] has no 'params'")
+        self._check_group({**mine, **group})
+        for key, value in self._plan_args[index].items():
+            if key in group and group[key] != value:
+                raise ValueError(
+                    f"Cannot load: param group {index} was saved with {key}="
+                    f"{group[key]!r}, this optimizer has {key}={value!r}"
+                )
+        saved, names = group.get("param_names"), mine.get("param_names")
+        if (
+            saved is not None
+            and names is not None
+            and len(saved) == len(names)
+            and list(saved) != list(names)
+        ):
+            k = next(
+                i for i, (a, b) in enumerate(zip(saved, names, strict=True)) if a != b
+            )
+            raise ValueError(
+                f"Cannot load: param group {index} parameter {k} name: state dict "
+                f"{saved[k]!r}, optimizer {names[k]!r} (the parameters are in another "
+                "order, or another model's; a load_state_dict pre-hook may rename them)"
+            )
+
+    def _check_saved_states(
+        self, saved_states: Mapping[Any, Any], saved_groups: list[Any]
+    ) -> None:
+        """Each saved parameter state: metadata, fields and shapes, value ranges."""
         saved_ids = list(chain.from_iterable(g["params"] for g in saved_groups))
         ordered = self._ordered()
         if len(saved_ids) != len(ordered):
@@ -181,16 +224,16 @@ class CheckpointMixin:
                 f"loaded state dict has {len(saved_ids)} parameters, the optimizer "
                 f"{len(ordered)}"
             )
-        saved_states = state_dict["state"]
         for pid, (p, config) in zip(saved_ids, ordered, strict=True):
-            if pid in saved_states:
-                _check_metadata(self._plans[p], saved_states[pid])
-                self._fields_check(p, saved_states[pid], config)
-        super().load_state_dict(state_dict)  # type: ignore[misc]
-        for pid, (p, _) in zip(saved_ids, ordered, strict=True):
-            if pid in saved_states:  # NOTE [float32 state on load]
-                self.state[p] = self._installed(p, saved_states[pid])
-        self._resume_cycle()
+            if pid not in saved_states:
+                continue
+            saved = saved_states[pid]
+            _check_metadata(self._plans[p], saved)
+            self._fields_check(p, saved, config)
+            fields = {k: v for k, v in saved.items() if k in portable.ARRAY_FIELDS}
+            portable.check_values(
+                fields, self._plans[p], self.accumulation_steps, xp=XP
+            )
 
     def _resume_cycle(self) -> None:
         """The cycle's micro-batch count (NOTE [accumulation divisor]) after a load."""
@@ -198,8 +241,32 @@ class CheckpointMixin:
             (s.get("micro_step", 0) for s in self._param_states()), default=0
         )
 
-    def export_state(self) -> dict[str, np.ndarray]:
-        """The state in the portable form of ``flora_core.state`` (npz / safetensors).
+    def state_header(self) -> portable.Header:
+        """What gives this optimizer's state its meaning (docs/spec.md §5.3): its
+        kind, each parameter's hyper-parameters and name, τ."""
+        names: list[str | None] = []
+        configs = []
+        for group in self.param_groups:
+            names += group.get("param_names") or [None] * len(group["params"])
+            configs += [dataclasses.asdict(self._config(group))] * len(group["params"])
+        return portable.Header(
+            self._kind, tuple(configs), self.accumulation_steps,
+            tuple(names) if any(n is not None for n in names) else (), "torch",
+        )  # fmt: skip
+
+    def _expected_fields(self, p: torch.Tensor, config: Any) -> dict[str, Any]:
+        """The rule's float fields of ``p`` as meta tensors (shapes, no memory)."""
+        plan = self._plans[p]
+        fields = self._init(plan, config, xp=XP, device=torch.device("meta"))
+        fields.pop("count")
+        if self.accumulation_steps > 1:
+            shape = accumulation.accumulator_shape(plan)
+            fields["acc"] = torch.empty(shape, device="meta")
+        return fields
+
+    def export_state(self, path: str | os.PathLike[str] | None = None) -> dict:
+        """The state in the portable form of ``flora_core.state`` (format 2), also
+        written to ``path`` (``.npz`` / ``.safetensors``, atomically) when given.
 
         Every parameter is included; one not updated yet gets its zero state.
         """
@@ -213,12 +280,31 @@ class CheckpointMixin:
             states.append(
                 {k: v for k, v in state.items() if k in portable.ARRAY_FIELDS}
             )
-        return portable.export_state(plans, states)
+        flat = portable.export_state(plans, states, self.state_header())
+        if path is not None:
+            state_files.save_state(flat, path)
+        return flat
 
-    def import_state(self, flat: dict[str, Any]) -> None:
-        """Load the portable form written by any Flora adapter (checks metadata)."""
+    def import_state(self, source: Mapping[str, Any] | str | os.PathLike[str]) -> None:
+        """Load a portable state written by any Flora adapter: a flat mapping or a
+        ``.npz`` / ``.safetensors`` path (read bounded by this optimizer's layout).
+
+        Raises:
+            ValueError: naming what would be misread (docs/spec.md §5.6): the
+                optimizer, a meaningful hyper-parameter, τ, a parameter's plan or
+                name, a counter out of range, a non-finite or negative statistic.
+        """
         ordered = self._ordered()
-        arrays = portable.import_state(flat, [self._plans[p] for p, _ in ordered])
+        plans = [self._plans[p] for p, _ in ordered]
+        if isinstance(source, str | os.PathLike):
+            shapes = [
+                {k: tuple(v.shape) for k, v in self._expected_fields(p, c).items()}
+                for p, c in ordered
+            ]
+            source = state_files.load_state(
+                source, like=portable.layout_for(plans, shapes)
+            )
+        arrays = portable.import_state(source, plans, self.state_header())
         for (p, config), fields in zip(ordered, arrays, strict=True):
             self._fields_check(p, fields, config)
         for (p, _), fields in zip(ordered, arrays, strict=True):

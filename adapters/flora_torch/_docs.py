@@ -72,9 +72,10 @@ STATE_DOC = """\
     parameter: ``count``, ``mu``, ``nu`` or ``nu_row``/``nu_col``, with τ > 1
     ``acc`` and ``micro_step``, and the metadata that regenerates every projection
     (``seed``, ``stream``, ``rank``, ``axis``, ``distribution`` coded as its index in
-    ``flora_core.policy.DISTRIBUTIONS``, ``rng_version``). ``export_state()`` /
-    ``import_state()`` move it to and from the framework-free npz form of
-    ``flora_core.state`` (Optax, Keras)."""
+    ``flora_core.policy.DISTRIBUTIONS``, ``rng_version``). ``export_state(path)`` /
+    ``import_state(path)`` move it to and from the framework-free portable form of
+    ``flora_core.state`` (format 2, ``.npz`` or ``.safetensors``, written atomically,
+    read bounded and checked; Optax, Keras)."""
 
 
 def interpolate(cls: type) -> type:

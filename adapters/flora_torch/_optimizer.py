@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from flora_core import accumulation, policy
+from flora_core import accumulation, momentum, policy
 from flora_core.validation import check_gradient, check_lr, check_positive_int
 from flora_torch import distributed
 from flora_torch._checkpoint import XP, CheckpointMixin, metadata
@@ -42,11 +42,14 @@ def check_flag(name: str, value: object) -> bool:
 
 
 def check_group_lr(lr: object) -> None:
+    """A float or 1-element float tensor, finite and >= 0 (read once, here: at
+    construction and in ``load_state_dict``, never in ``step``)."""
     if isinstance(lr, torch.Tensor):
         if lr.numel() != 1 or not lr.is_floating_point():
             raise ValueError(
                 f"Invalid learning rate: a tensor lr must be 1 float, got {lr}"
             )
+        check_lr(float(lr.detach().reshape(()).float().cpu()))
         return
     if isinstance(lr, bool) or not isinstance(lr, int | float):
         raise TypeError(f"Invalid learning rate: {lr!r} (expected a float >= 0)")
@@ -137,6 +140,11 @@ class FloraOptimizer(HooksMixin, ClippingMixin, CheckpointMixin, torch.optim.Opt
                 distribution=group["projection"],
             ))  # fmt: skip
         policy.check_unique_streams([*self._plans.values(), *plans])
+        config = self._config(group)
+        momentum.warn_undamped(
+            plans, getattr(config, "b1", getattr(config, "momentum", None)),
+            config.kappa, config.transfer, param_group.get("param_names"),
+        )  # fmt: skip
         super().add_param_group(param_group)
         self._plan_args.append({k: group[k] for k in PLAN_KEYS})
         for p, plan in zip(params, plans, strict=True):

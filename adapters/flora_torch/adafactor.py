@@ -79,6 +79,7 @@ class FloraAdafactor(FloraOptimizer):
         Sublinear Memory Cost", ICML 2018.
     """
 
+    _kind = "adafactor"
     _init = staticmethod(rules.flora_adafactor_init)
     _rule = staticmethod(rules.flora_adafactor)
 

@@ -66,6 +66,7 @@ class FloraAdam(FloraOptimizer):
         Regularization", ICLR 2019.
     """
 
+    _kind = "adam"
     _init = staticmethod(rules.flora_adam_init)
     _rule = staticmethod(rules.flora_adam)
 

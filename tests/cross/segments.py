@@ -7,8 +7,9 @@ import)::
     python tests/cross/segments.py ADAPTER JOBS.json OUT.npz
 
 ``ADAPTER`` is torch, optax, keras-tensorflow, keras-jax or keras-torch. Each job is
-``{"key", "problem", "t0", "t1", "params": npz or null, "state": npz or null}``; the
-output holds ``{key}/step{t}_param{i}`` trajectories and ``{key}/state/...`` exports.
+``{"key", "problem", "t0", "t1", "params": npz or null, "state": path or null}`` (the
+state a ``flora_core.state_files`` file); the output holds ``{key}/step{t}_param{i}``
+trajectories and ``{key}/state/...`` exports.
 A job with ``"expect_error"`` imports the state into an optimizer of that rank and
 records the error message instead.
 """
@@ -31,6 +32,13 @@ def _load(path: str | None) -> dict[str, np.ndarray] | None:
         return None
     with np.load(path) as data:
         return dict(data)
+
+
+def _load_state(path: str | None) -> dict[str, np.ndarray] | None:
+    """A portable state file, read the bounded way every adapter reads one."""
+    from flora_core import state_files
+
+    return None if path is None else state_files.load_state(path)
 
 
 def torch_segment(problem, params0, flat, t0, t1):
@@ -126,7 +134,7 @@ def main(adapter: str, jobs_path: str, out_path: str) -> None:
         ]  # fmt: skip
         try:
             trajectory, state = segment(
-                problem, params, _load(job["state"]), job["t0"], job["t1"]
+                problem, params, _load_state(job["state"]), job["t0"], job["t1"]
             )
         except ValueError as error:
             if "expect_error" not in job:

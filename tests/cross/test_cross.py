@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from conformance.problems import PROBLEMS
-from flora_core import policy, projection, state
+from flora_core import policy, projection, state_files
 
 HERE = Path(__file__).resolve().parent
 RTOL, ATOL = 1e-4, 1e-5
@@ -81,7 +81,7 @@ def runs(tmp_path_factory) -> dict:
         flat = {key.split("/state/", 1)[1]: v for key, v in data.items()
                 if key.startswith(f"head/{name}/state/")}  # fmt: skip
         saved = work / f"{a}-{name}-state.npz"
-        state.save_state(flat, str(saved))
+        state_files.save_state(flat, saved)
         for b in ADAPTERS:
             tails[b].append({"key": f"tail/{a}/{name}", "problem": name, "t0": k,
                              "t1": PROBLEMS[name].steps, "params": str(params),
@@ -144,17 +144,3 @@ def test_projection_bits_agree_across_backends():
         np.testing.assert_array_equal(
             got.view(np.uint32), want.view(np.uint32), err_msg=backend
         )
-
-
-@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
-def test_state_files_round_trip(tmp_path, suffix):
-    if suffix == ".safetensors" and importlib.util.find_spec("safetensors") is None:
-        pytest.skip("safetensors is not installed")
-    flat = {"flora.format_version": np.asarray(1), "param.0.mu": np.ones((3, 2), np.float32),
-            "param.0.seed": np.asarray(2**63 + 5, np.uint64)}  # fmt: skip
-    state.save_state(flat, str(tmp_path / f"s{suffix}"))
-    back = state.load_state(str(tmp_path / f"s{suffix}"))
-    assert back.keys() == flat.keys()
-    for key, value in flat.items():
-        np.testing.assert_array_equal(back[key], value)
-        assert back[key].dtype == value.dtype

@@ -1,4 +1,4 @@
-"""state_dict (weights_only, portable names, bit-exact resume) and the npz form."""
+"""state_dict (weights_only, portable names, bit-exact resume) and the portable form."""
 
 from __future__ import annotations
 
@@ -130,16 +130,18 @@ def test_load_state_of_another_rule_raises() -> None:
         other.load_state_dict(optimizer.state_dict())
 
 
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
 @pytest.mark.parametrize("case", sorted(worker.CASES))
-def test_export_import_continues_bit_exactly(case: str, tmp_path: Path) -> None:
+def test_export_import_continues_bit_exactly(
+    case: str, suffix: str, tmp_path: Path
+) -> None:
     middle, total = worker.split(case)
     model, optimizer = worker.build(case)
     worker.train(model, optimizer, case, 0, middle)
-    np.savez(tmp_path / "state.npz", **optimizer.export_state())
+    optimizer.export_state(tmp_path / f"state{suffix}")
     copy, fresh = worker.build(case)
     copy.load_state_dict(model.state_dict())
-    with np.load(tmp_path / "state.npz") as flat:
-        fresh.import_state(dict(flat))
+    fresh.import_state(tmp_path / f"state{suffix}")
     worker.train(model, optimizer, case, middle, total)
     worker.train(copy, fresh, case, middle, total)
     for a, b in zip(model.parameters(), copy.parameters(), strict=True):
@@ -151,11 +153,11 @@ def test_export_is_the_portable_schema_and_import_checks_it() -> None:
     worker.train(model, optimizer, "adam", 0, 2)
     flat = optimizer.export_state()
     plans = [optimizer.plan_of(p) for p in model.parameters()]
-    states = portable.import_state(flat, plans)  # the core reads it back
+    states = portable.import_state(flat, plans, optimizer.state_header())
     assert int(states[0]["count"]) == 2
     np.testing.assert_array_equal(
         states[0]["mu"], optimizer.state[model[0].weight]["mu"]
     )
     other = FloraAdam(model.parameters(), **{**worker.CASES["adam"][1], "seed": 4})
-    with pytest.raises(ValueError, match="saved seed 3 != optimizer's 4"):
+    with pytest.raises(ValueError, match="Parameter 0 seed: file 3, optimizer 4"):
         other.import_state(flat)

@@ -103,4 +103,9 @@ def run_reference(problem: Problem) -> Trajectory:
     return train(problem, reference_transformation(problem))
 
 
-register(AdapterEntry("optax", run, run_reference))
+def supports(problem: Problem) -> bool:
+    """Every problem but Keras' epsilon (flora_adam takes optax's eps)."""
+    return not problem.eps_before_bias_correction
+
+
+register(AdapterEntry("optax", run, run_reference, supports))

@@ -123,7 +123,10 @@ def _factoring(problem: Problem, shape: tuple[int, ...]) -> tuple[int, int] | No
 
 
 def supports(problem: Problem) -> bool:
-    """Every problem; identity Adafactor only where transformers' rule coincides."""
+    """Every problem but Keras' epsilon (FloraAdam takes torch's eps); identity
+    Adafactor only where transformers' rule coincides."""
+    if problem.eps_before_bias_correction:
+        return False
     if problem.projection != "identity" or problem.rule == "adam":
         return True
     if problem.clip_after_momentum:  # transformers clips before the momentum

@@ -20,8 +20,9 @@ from flora_core.projection import compress, decompress, projection
 
 
 def accumulator_shape(plan: CompressionPlan) -> tuple[int, ...]:
-    """Shape of ``acc``: compressed, or the parameter's own shape."""
-    return plan.state_shape if plan.compressed else plan.shape
+    """Shape of ``acc``: compressed, or the parameter's own shape (behind the batch
+    axes of a :class:`~flora_core.policy.StackedPlan`)."""
+    return (*plan.batch, *(plan.state_shape if plan.compressed else plan.shape))
 
 
 def accumulate(
@@ -36,7 +37,7 @@ def accumulate(
     """``acc + compress(grad, A_cycle)`` for one micro-batch gradient (float32)."""
     grad = xp.astype(grad, xp.float32, copy=False)
     if plan.compressed:
-        grad = xp.reshape(grad, plan.matrix_shape)
+        grad = xp.reshape(grad, (*plan.batch, *plan.matrix_shape))
     a = projection(plan, cycle, ROLE_ACCUMULATION, xp=xp, device=device)
     return acc + compress(grad, a, plan.axis, xp=xp)
 
@@ -57,4 +58,4 @@ def accumulated_gradient(
     a = projection(plan, cycle, ROLE_ACCUMULATION, xp=xp, device=device)
     tau = xp.astype(steps, xp.float32) if hasattr(steps, "dtype") else float(steps)
     full = decompress(acc, a, plan.axis, xp=xp) / tau
-    return xp.reshape(full, plan.shape)
+    return xp.reshape(full, (*plan.batch, *plan.shape))

@@ -118,6 +118,12 @@ class CompressionPlan:
         return self.base_stream | role
 
     @property
+    def batch(self) -> tuple[int, ...]:
+        """Leading batch axes of the arrays this plan's rules see: none (see
+        :class:`StackedPlan`)."""
+        return ()
+
+    @property
     def state_shape(self) -> tuple[int, int]:
         """Shape of a compressed state (momentum or accumulator) of this parameter."""
         n, m = self.matrix_shape
@@ -125,6 +131,63 @@ class CompressionPlan:
             return n, m
         assert self.rank is not None
         return (n, self.rank) if self.axis == 1 else (self.rank, m)
+
+
+@dataclass(frozen=True)
+class StackedPlan(CompressionPlan):
+    """``B`` parameters that share a plan, updated as one stack (a leading axis).
+
+    NOTE [stacked plans]: members differ only in ``param_index`` (so in their RNG
+    streams). Every rule then runs once on arrays of shape ``(B, *shape)`` (states
+    ``(B, *state_shape)``): the projections of all members come from one RNG call
+    with a tuple of streams (NOTE [stacked streams]), compress / decompress /
+    transfer are batched matmuls, reductions run over the trailing (per-member)
+    axes. Member ``b`` of the result equals the member's own unstacked update up to
+    float summation order. ``param_index`` is the first member's; ``shape``,
+    ``matrix_shape``, ``dim`` and ``state_shape`` are per member.
+    """
+
+    param_indices: tuple[int, ...] = ()
+
+    @property
+    def batch(self) -> tuple[int, ...]:
+        return (len(self.param_indices),)
+
+    def stream(self, role: int) -> tuple[int, ...]:  # type: ignore[override]
+        return tuple((i << 2) | role for i in self.param_indices)
+
+    @property
+    def members(self) -> list[CompressionPlan]:
+        return [
+            CompressionPlan(
+                self.shape, i, self.seed, self.rank, self.axis, self.distribution
+            )
+            for i in self.param_indices
+        ]
+
+
+def stack_plans(plans: list[CompressionPlan]) -> StackedPlan:
+    """One :class:`StackedPlan` for plans that differ only in ``param_index``."""
+    if not plans:
+        raise ValueError("stack_plans needs at least one plan")
+    first = plans[0]
+    for other in plans[1:]:
+        same = (other.shape, other.seed, other.rank, other.axis, other.distribution)
+        if same != (
+            first.shape,
+            first.seed,
+            first.rank,
+            first.axis,
+            first.distribution,
+        ):
+            raise ValueError(
+                f"Cannot stack plans of parameters {first.param_index} and "
+                f"{other.param_index}: {first} != {other} beyond param_index"
+            )
+    return StackedPlan(
+        first.shape, first.param_index, first.seed, first.rank, first.axis,
+        first.distribution, tuple(p.param_index for p in plans),
+    )  # fmt: skip
 
 
 def should_compress(

@@ -149,19 +149,37 @@ def _broadcast_shape(shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
     return tuple(np.broadcast_shapes(*shapes))
 
 
+Streams = int | Sequence[int]
+
+
+def _streams(stream: Streams) -> int | tuple[int, ...]:
+    """An int stream, or a tuple of int streams (one block per stream, stacked)."""
+    if isinstance(stream, int | np.integer) and not isinstance(stream, bool):
+        _check_word("stream", int(stream))
+        return int(stream)
+    streams = tuple(int(s) for s in np.asarray(stream).reshape(-1))
+    for s in streams:
+        _check_word("stream", s)
+    return streams
+
+
 def _block_words(
     seed: int,
     step: Array | int,
-    stream: int,
+    stream: Streams,
     shape: tuple[int, int],
     offset: tuple[int, int],
     xp: Namespace,
     device: Any,
 ) -> Array:
-    """Backend words of the block ``rows[offset[0]:+shape[0]] x cols[offset[1]:+shape[1]]``."""
+    """Backend words of the block ``rows[offset[0]:+shape[0]] x cols[offset[1]:+shape[1]]``.
+
+    With a sequence of streams the blocks of every stream are stacked along a new
+    leading axis (NOTE [stacked streams]).
+    """
     seed = check_seed(seed)
     _check_word("step", step)
-    _check_word("stream", stream)
+    stream = _streams(stream)
     rows, cols = (int(s) for s in shape)
     row0, col0 = (int(o) for o in offset)
     if rows < 0 or cols < 0 or row0 < 0 or col0 < 0:
@@ -183,13 +201,13 @@ def _block_words(
     start = col0 - 4 * group0
     if start == 0 and cols == 4 * ngroups:
         return words
-    return words[:, start : start + cols]
+    return words[..., start : start + cols]
 
 
 def _generic_block_words(
     seed: int,
     step: Array | int,
-    stream: int,
+    stream: int | tuple[int, ...],
     rows: int,
     row0: int,
     group0: int,
@@ -197,41 +215,91 @@ def _generic_block_words(
     xp: Namespace,
     device: Any,
 ) -> Array:
-    """Words of column groups ``group0..+ngroups`` of rows ``row0..+rows``, any backend."""
+    """Words of column groups ``group0..+ngroups`` of rows ``row0..+rows``, any backend.
+
+    NOTE [stacked streams]: a tuple of ``B`` streams is one more counter word array,
+    ``x3`` of shape ``(B, 1, 1)``, broadcast against the ``(rows, groups)`` grid: the
+    ``B`` blocks come out of one Philox evaluation, stacked on a leading axis, each
+    bit-identical to its own single-stream block.
+    """
     ops = _xp.word_ops(xp)
-    grid = (rows, ngroups)
+    batch = () if isinstance(stream, int) else (len(stream),)
+    grid = (*batch, rows, ngroups)
     groups = xp.reshape(ops.arange(group0, group0 + ngroups, device), (1, ngroups))
     x0 = xp.broadcast_to(groups, grid)
     x1 = xp.broadcast_to(
         xp.reshape(ops.arange(row0, row0 + rows, device), (rows, 1)), grid
     )
     x2 = xp.broadcast_to(ops.from_any(step, device), grid)
-    x3 = xp.broadcast_to(ops.from_any(stream, device), grid)
+    if isinstance(stream, int):
+        x3 = xp.broadcast_to(ops.from_any(stream, device), grid)
+    else:
+        x3 = xp.broadcast_to(_stream_words(stream, xp, device), grid)
     out = _philox_words([x0, x1, x2, x3], seed & MASK32, seed >> 32, ops, device)
-    return xp.reshape(xp.stack(out, axis=-1), (rows, 4 * ngroups))
+    return xp.reshape(xp.stack(out, axis=-1), (*batch, rows, 4 * ngroups))
+
+
+_STREAM_WORDS: dict[tuple[str, str, tuple[int, ...]], Array] = {}
+
+
+def _stream_words(streams: tuple[int, ...], xp: Namespace, device: Any) -> Array:
+    """The ``(B, 1, 1)`` counter word ``x3`` of stacked streams, made once per device.
+
+    Cached like the gaussian table: a CUDA graph or a compiled step then reads a
+    tensor that already lives on the device instead of copying a host list each call.
+    """
+    backend = _xp.backend_name(xp)
+    ops = _xp.word_ops(xp)
+    host = np.asarray(streams, dtype=np.int64).reshape(-1, 1, 1)
+    if backend == "tensorflow":
+        return xp.asarray(host.astype(np.uint32))
+    key = (backend, str(device), streams)
+    words = _STREAM_WORDS.get(key)
+    if words is None:
+        if backend == "jax":
+            import jax
+
+            with jax.ensure_compile_time_eval():
+                words = xp.asarray(host.astype(np.uint32))
+        else:
+            words = ops.from_any(xp.asarray(host, device=device), device)
+        _STREAM_WORDS[key] = words
+    return words
 
 
 NUMPY_CHUNK = 8192  # counters per chunk: six uint64 buffers of 64 KiB stay in cache
 
 
 def _numpy_block_words(
-    seed: int, step: int, stream: int, rows: int, row0: int, group0: int, ngroups: int
+    seed: int,
+    step: int,
+    stream: int | tuple[int, ...],
+    rows: int,
+    row0: int,
+    group0: int,
+    ngroups: int,
 ) -> np.ndarray:
     """The same words as ``_generic_block_words`` on numpy, chunked and in place.
 
     A performance path (about twice the generic speed): uint64 words throughout, so a
     product needs no casts, and buffers reused per chunk. A test checks it against
-    the generic path bit for bit.
+    the generic path bit for bit. Stacked streams run as one flat counter range.
     """
-    total = rows * ngroups
+    streams = np.asarray(stream, dtype=np.uint64).reshape(-1)
+    batch = () if isinstance(stream, int) else (len(streams),)
+    per_stream = rows * ngroups
+    total = per_stream * len(streams)
     out = np.empty((total, 4), dtype=np.uint32)
     m0, m2, mask, s32 = (np.uint64(v) for v in (PHILOX_M0, PHILOX_M2, MASK32, 32))
     for start in range(0, total, NUMPY_CHUNK):
         index = np.arange(start, min(start + NUMPY_CHUNK, total), dtype=np.uint64)
         x0 = index % np.uint64(ngroups) + np.uint64(group0)
-        x1 = index // np.uint64(ngroups) + np.uint64(row0)
+        x1 = index // np.uint64(ngroups) % np.uint64(rows) + np.uint64(row0)
         x2 = np.full_like(index, step)
-        x3 = np.full_like(index, stream)
+        if batch:
+            x3 = streams[(index // np.uint64(per_stream)).astype(np.intp)]
+        else:
+            x3 = np.full_like(index, streams[0])
         p0, p2 = np.empty_like(index), np.empty_like(index)
         k0, k1 = seed & MASK32, seed >> 32
         for round_index in range(PHILOX_ROUNDS):
@@ -251,7 +319,7 @@ def _numpy_block_words(
         block = out[start : start + len(index)]
         for j, x in enumerate((x0, x1, x2, x3)):
             block[:, j] = x
-    return out.reshape(rows, 4 * ngroups)
+    return out.reshape(*batch, rows, 4 * ngroups)
 
 
 def _on_host_numpy(xp: Namespace, step: Array | int, device: Any) -> bool:
@@ -274,7 +342,7 @@ def _on_host_numpy(xp: Namespace, step: Array | int, device: Any) -> bool:
     )
 
 
-def _via_numpy(draw: Any, seed: int, step: Array | int, stream: int, shape: tuple[int, int],
+def _via_numpy(draw: Any, seed: int, step: Array | int, stream: Streams, shape: tuple[int, int],
                offset: tuple[int, int]) -> Array:  # fmt: skip
     import torch
 
@@ -286,7 +354,7 @@ def _via_numpy(draw: Any, seed: int, step: Array | int, stream: int, shape: tupl
 def random_bits(
     seed: int,
     step: Array | int,
-    stream: int,
+    stream: Streams,
     shape: tuple[int, int],
     *,
     xp: Namespace,
@@ -298,14 +366,16 @@ def random_bits(
     Args:
         seed: uint64 seed (a Python int).
         step: uint32 resample or cycle index; an int or an integer array (may be traced).
-        stream: uint32 stream id, ``(param_index << 2) | role``.
+        stream: uint32 stream id, ``(param_index << 2) | role``; or a sequence of
+            ``B`` of them, which stacks their blocks into ``(B, rows, cols)``.
         shape: ``(rows, cols)`` of the block.
         xp: the array namespace to compute in.
         offset: ``(row, col)`` of the block's first element in the logical matrix.
         device: the torch / CuPy device for the result.
 
     Returns:
-        A uint32 array of ``shape`` (``torch.uint32`` on torch).
+        A uint32 array of ``shape``, or ``(B, *shape)`` for ``B`` streams
+        (``torch.uint32`` on torch).
     """
     if _on_host_numpy(xp, step, device):
         return _via_numpy(random_bits, seed, step, stream, shape, offset)
@@ -316,7 +386,7 @@ def random_bits(
 def uniform(
     seed: int,
     step: Array | int,
-    stream: int,
+    stream: Streams,
     shape: tuple[int, int],
     *,
     xp: Namespace,
@@ -335,7 +405,7 @@ def uniform(
 def rademacher(
     seed: int,
     step: Array | int,
-    stream: int,
+    stream: Streams,
     shape: tuple[int, int],
     *,
     xp: Namespace,
@@ -353,7 +423,7 @@ def rademacher(
 def gaussian(
     seed: int,
     step: Array | int,
-    stream: int,
+    stream: Streams,
     shape: tuple[int, int],
     *,
     xp: Namespace,
@@ -365,10 +435,9 @@ def gaussian(
         return _via_numpy(gaussian, seed, step, stream, shape, offset)
     ops = _xp.word_ops(xp)
     words = _block_words(seed, step, stream, shape, offset, xp, device)
-    rows, cols = (int(s) for s in shape)
-    index = ops.as_index(xp.reshape(ops.shift_right(words, 16), (rows * cols,)))
+    index = ops.as_index(xp.reshape(ops.shift_right(words, 16), (-1,)))
     table = _table_in(xp, device)
-    return xp.reshape(xp.take(table, index, axis=0), (rows, cols))
+    return xp.reshape(xp.take(table, index, axis=0), tuple(words.shape))
 
 
 @functools.lru_cache(maxsize=1)
@@ -391,6 +460,12 @@ def gaussian_table() -> np.ndarray:
 
 
 _TABLES: dict[tuple[str, str], Array] = {}
+
+
+def device_table(xp: Namespace, device: Any = None) -> Array:
+    """The gaussian table on a device, made now (it is cached): call it before a
+    traced or captured step so that the step only reads it."""
+    return _table_in(xp, device)
 
 
 def _table_in(xp: Namespace, device: Any) -> Array:

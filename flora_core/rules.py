@@ -9,6 +9,11 @@ float32 (the adapter casts).
 ``state["count"]`` may be a Python int (eager adapters) or an integer array (traced
 code); the returned count has the same kind.
 
+A :class:`~flora_core.policy.StackedPlan` runs one rule for ``B`` parameters of the
+same plan at once: every array gets a leading axis of ``B`` (NOTE [stacked plans]),
+and reductions run over the trailing, per-member axes. The same code serves both, so
+there is one copy of each rule.
+
 References:
     Hao, Cao, Mou. "Flora: Low-Rank Adapters Are Secretly Gradient Compressors",
     ICML 2024. Kingma, Ba. "Adam", ICLR 2015; Loshchilov, Hutter. "Decoupled Weight
@@ -127,6 +132,11 @@ def momentum_shape(plan: CompressionPlan) -> tuple[int, ...]:
     return plan.state_shape if plan.compressed else plan.shape
 
 
+def _stacked(plan: CompressionPlan, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """``shape`` behind the plan's batch axes (none for a single parameter)."""
+    return (*plan.batch, *shape)
+
+
 def _as_float(count: Array | int, offset: int, xp: Namespace) -> Array | float:
     """``count + offset`` as a float (Python float, or float32 array when traced)."""
     if isinstance(count, int):
@@ -163,7 +173,7 @@ def _ema_momentum(
     Returns ``(new_mu, a, compressed)`` of ``momentum_step`` on ``u``'s matrix view;
     ``_decompressed`` turns ``new_mu`` (the direction) or ``compressed`` back.
     """
-    view = xp.reshape(u, plan.matrix_shape) if plan.compressed else u
+    view = xp.reshape(u, _stacked(plan, plan.matrix_shape)) if plan.compressed else u
     return momentum_step(
         mu, view, count, beta=beta, kappa=config.kappa, plan=plan, xp=xp,
         device=device, transfer=config.transfer,
@@ -174,7 +184,7 @@ def _decompressed(
     c: Array, a: Projection, plan: CompressionPlan, xp: Namespace
 ) -> Array:
     """``decompress(c, a)`` in the parameter's shape."""
-    return xp.reshape(decompress(c, a, plan.axis, xp=xp), plan.shape)
+    return xp.reshape(decompress(c, a, plan.axis, xp=xp), _stacked(plan, plan.shape))
 
 
 # NOTE [lean temporaries]: on eager numpy/torch/CuPy every array op allocates, and a
@@ -216,14 +226,14 @@ def flora_adam_init(
     """Zero state: ``count``, ``mu`` and ``nu`` (or ``nu_row``/``nu_col`` when factored)."""
     state: State = {
         "count": _count_zero(xp, device),
-        "mu": _zeros(momentum_shape(plan), xp, device),
+        "mu": _zeros(_stacked(plan, momentum_shape(plan)), xp, device),
     }
     if adam_factored(plan, config):
         n, m = plan.matrix_shape
-        state["nu_row"] = _zeros((n,), xp, device)
-        state["nu_col"] = _zeros((m,), xp, device)
+        state["nu_row"] = _zeros(_stacked(plan, (n,)), xp, device)
+        state["nu_col"] = _zeros(_stacked(plan, (m,)), xp, device)
     else:
-        state["nu"] = _zeros(plan.shape, xp, device)
+        state["nu"] = _zeros(_stacked(plan, plan.shape), xp, device)
     return state
 
 
@@ -256,12 +266,13 @@ def _relevelled(
     if adam_factored(plan, config):
         name = "nu_col" if plan.axis == 1 else "nu_row"
         old = state[name]
-        level = xp.broadcast_to(xp.mean(old, keepdims=True), old.shape)
+        level = xp.broadcast_to(xp.mean(old, axis=-1, keepdims=True), old.shape)
     else:
         name, old = "nu", state["nu"]
-        view = xp.reshape(old, plan.matrix_shape)
-        level = xp.mean(view, axis=plan.axis, keepdims=True)
-        level = xp.reshape(xp.broadcast_to(level, plan.matrix_shape), plan.shape)
+        matrix = _stacked(plan, plan.matrix_shape)
+        view = xp.reshape(old, matrix)
+        level = xp.mean(view, axis=plan.axis - 2, keepdims=True)  # type: ignore[operator]
+        level = xp.reshape(xp.broadcast_to(level, matrix), _stacked(plan, plan.shape))
     return {**state, name: level if starts is True else xp.where(starts, level, old)}
 
 
@@ -316,15 +327,15 @@ def flora_adam(
     new_state: State = {"count": count + 1, "mu": mu}
     b2 = config.b2
     if adam_factored(plan, config):
-        sq = xp.reshape(g * g, plan.matrix_shape)
+        sq = xp.reshape(g * g, _stacked(plan, plan.matrix_shape))
         sq += FACTORED_EPS
-        nu_row = b2 * previous["nu_row"] + (1.0 - b2) * xp.mean(sq, axis=1)
-        nu_col = b2 * previous["nu_col"] + (1.0 - b2) * xp.mean(sq, axis=0)
+        nu_row = b2 * previous["nu_row"] + (1.0 - b2) * xp.mean(sq, axis=-1)
+        nu_col = b2 * previous["nu_col"] + (1.0 - b2) * xp.mean(sq, axis=-2)
         del sq
         new_state.update(nu_row=nu_row, nu_col=nu_col)
-        outer = xp.reshape(nu_row, (-1, 1)) * xp.reshape(nu_col, (1, -1))
-        outer /= xp.mean(nu_row)
-        nu = xp.reshape(outer, plan.shape)
+        outer = xp.expand_dims(nu_row, axis=-1) * xp.expand_dims(nu_col, axis=-2)
+        outer /= xp.expand_dims(xp.mean(nu_row, axis=-1, keepdims=True), axis=-1)
+        nu = xp.reshape(outer, _stacked(plan, plan.shape))
         del outer
     else:
         nu = g * g
@@ -384,13 +395,13 @@ def flora_adafactor_init(
     state: State = {"count": _count_zero(xp, device)}
     dims = factored_dims(plan.shape, config.factored, config.min_dim_size_to_factor)
     if dims is None:
-        state["nu"] = _zeros(plan.shape, xp, device)
+        state["nu"] = _zeros(_stacked(plan, plan.shape), xp, device)
     else:
         d1, d0 = dims
-        state["nu_row"] = _zeros(_without(plan.shape, d0), xp, device)
-        state["nu_col"] = _zeros(_without(plan.shape, d1), xp, device)
+        state["nu_row"] = _zeros(_stacked(plan, _without(plan.shape, d0)), xp, device)
+        state["nu_col"] = _zeros(_stacked(plan, _without(plan.shape, d1)), xp, device)
     if config.momentum is not None:
-        state["mu"] = _zeros(momentum_shape(plan), xp, device)
+        state["mu"] = _zeros(_stacked(plan, momentum_shape(plan)), xp, device)
     return state
 
 
@@ -402,7 +413,9 @@ def _scale_by_factored_rms(
     dims: tuple[int, int] | None,
     eps: float,
     xp: Namespace,
+    nb: int,
 ) -> Array:
+    """Adafactor's RMS scaling; ``dims`` are per-member axes, behind ``nb`` batch axes."""
     sq = g * g
     sq += eps
     if dims is None:
@@ -412,7 +425,7 @@ def _scale_by_factored_rms(
         scaled = nu**-0.5
         scaled *= g
         return scaled
-    d1, d0 = dims
+    d1, d0 = (d + nb for d in dims)
     nu_row = decay * state["nu_row"] + (1.0 - decay) * xp.mean(sq, axis=d0)
     nu_col = decay * state["nu_col"] + (1.0 - decay) * xp.mean(sq, axis=d1)
     del sq
@@ -425,8 +438,11 @@ def _scale_by_factored_rms(
     return scaled
 
 
-def _rms(x: Array, xp: Namespace) -> Array:
-    return xp.sqrt(xp.mean(x * x))
+def _rms(x: Array, xp: Namespace, nb: int = 0) -> Array:
+    """``sqrt(mean(x²))`` over each member (all axes behind the ``nb`` batch axes)."""
+    if not nb:
+        return xp.sqrt(xp.mean(x * x))
+    return xp.sqrt(xp.mean(x * x, axis=tuple(range(nb, x.ndim)), keepdims=True))
 
 
 def flora_adafactor(
@@ -458,12 +474,12 @@ def flora_adafactor(
     xp = xp or namespace(grad)
     check_gradient(grad, xp=xp)
     g = xp.astype(grad, xp.float32, copy=False)
-    p = xp.astype(param, xp.float32, copy=False)
     count = state["count"]
+    nb = len(plan.batch)
     new_state: State = {"count": count + 1}
     decay = 1.0 - _decay_step(count, config.decay_offset, xp) ** (-config.decay_rate)
     dims = factored_dims(plan.shape, config.factored, config.min_dim_size_to_factor)
-    u = _scale_by_factored_rms(g, state, new_state, decay, dims, config.eps, xp)
+    u = _scale_by_factored_rms(g, state, new_state, decay, dims, config.eps, xp, nb)
     del g  # NOTE [lean temporaries]
 
     def momentum(u: Array) -> Array:
@@ -479,16 +495,16 @@ def flora_adafactor(
         u = momentum(u)  # uncompressed, this is the new mu itself: read only
         scale = lr
         if config.clipping_threshold is not None:
-            scale = lr / xp.maximum(_rms(u, xp) / config.clipping_threshold, 1.0)
+            scale = lr / xp.maximum(_rms(u, xp, nb) / config.clipping_threshold, 1.0)
         u = u * scale
     else:
         if config.clipping_threshold is not None:
-            u /= xp.maximum(_rms(u, xp) / config.clipping_threshold, 1.0)
+            u /= xp.maximum(_rms(u, xp, nb) / config.clipping_threshold, 1.0)
         u *= lr
     if config.multiply_by_parameter_scale:
-        u *= xp.maximum(_rms(p, xp), 1e-3)
+        u *= xp.maximum(_rms(xp.astype(param, xp.float32, copy=False), xp, nb), 1e-3)
     if config.momentum is not None and not early:
         u = momentum(u)
     if config.weight_decay_rate is not None:
-        u = u + config.weight_decay_rate * p
+        u = u + config.weight_decay_rate * xp.astype(param, xp.float32, copy=False)
     return -u, new_state

@@ -90,7 +90,7 @@ class CheckpointMixin:
 
     def _installed(self, p: torch.Tensor, arrays: dict[str, Any]) -> dict[str, Any]:
         """A live state for ``p``: float32 tensors on its device, ints, metadata."""
-        state: dict[str, Any] = {"count": int(arrays["count"])}
+        state: dict[str, Any] = {"count": self._count(int(arrays["count"]), p)}
         for name, value in arrays.items():
             if name in ("count", "micro_step") or name not in portable.ARRAY_FIELDS:
                 continue

@@ -57,6 +57,20 @@ FLORA_ARGS = """\
             ``max_grad_norm`` is given (``float("inf")``: no clipping, no warning).
             ``optimizer.clip_grad_norm_(max_norm)`` clips on demand and returns the
             norm.
+        foreach: None (default) or True: the grouped (multi-tensor) step, where
+            parameters of one param group that share a plan, dtype, device and count
+            are updated together by one stacked rule call (about ten buckets for a
+            GPT-2, whatever its depth); False: the per-tensor reference path. Both
+            give the same numbers up to float32 summation order. DTensor parameters
+            and the layer-wise update always take the per-tensor path. See NOTE
+            [grouped step] in ``flora_torch._grouped``.
+        capturable: keep each ``count`` as an int64 tensor on the parameter's device
+            and gate the resample logic arithmetically, so ``step()`` makes no host
+            synchronisation and can be captured by a CUDA graph
+            (``torch.cuda.graph``, ``torch.compile(mode="reduce-overhead")``).
+            Slower in eager mode (the transfer is computed at every step and
+            discarded off the resample steps). ``state_dict`` then holds 0-d
+            tensor counts; either kind loads into either mode.
 
     Parameters may be float32, float64, bfloat16 or float16; the optimizer state is
     always float32 (``load_state_dict`` keeps it float32 rather than casting it to

@@ -11,6 +11,13 @@ optimizer stores them in place of the old ones (no extra copy pass), so a state
 tensor is a new object after every step. ``count`` and ``micro_step`` are Python
 ints, so the momentum transfer of the core is a Python branch.
 
+NOTE [capturable]: with ``capturable=True`` each ``count`` is an int64 tensor on the
+parameter's device, the core gates the transfer and the second-moment levelling
+with ``where`` (traced semantics) and the grouped path updates its stacked states in
+place (NOTE [stacked state]): no host synchronisation and no Python branch on a
+value inside ``step()``, so a CUDA graph can capture it. It computes the transfer
+at every step (discarded off the resample steps), so it is slower in eager mode.
+
 NOTE [DTensor parameters]: a DTensor parameter (FSDP2, tensor parallel) gets DTensor
 states sharded like itself and the core rule runs on DTensors; see
 ``flora_torch.distributed`` (which also picks its compressed axis).
@@ -23,7 +30,7 @@ from typing import Any
 
 import torch
 
-from flora_core import accumulation, momentum, policy
+from flora_core import accumulation, momentum, policy, rng
 from flora_core.validation import (
     check_flag,
     check_gradient,
@@ -33,6 +40,7 @@ from flora_core.validation import (
 from flora_torch import distributed
 from flora_torch._checkpoint import XP, CheckpointMixin, metadata
 from flora_torch._clipping import ClippingMixin
+from flora_torch._grouped import GROUP_MIN_ELEMENTS, GroupedMixin
 from flora_torch._hooks import HooksMixin
 from flora_torch._params import check_group_keys, split_names
 
@@ -55,7 +63,15 @@ def check_group_lr(lr: object) -> None:
     check_lr(lr)
 
 
-class FloraOptimizer(HooksMixin, ClippingMixin, CheckpointMixin, torch.optim.Optimizer):
+def check_foreach(value: object) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"Invalid foreach: {value!r} (expected None, True or False)")
+    return value
+
+
+class FloraOptimizer(
+    GroupedMixin, HooksMixin, ClippingMixin, CheckpointMixin, torch.optim.Optimizer
+):
     """Base class of the FLORA optimizers (see the module docstring)."""
 
     _init: Callable[..., dict[str, Any]]
@@ -69,11 +85,17 @@ class FloraOptimizer(HooksMixin, ClippingMixin, CheckpointMixin, torch.optim.Opt
     def __init__(
         self, params: Any, defaults: dict[str, Any], *, accumulation_steps: int,
         layerwise: bool, max_grad_norm: float | None = None,
+        foreach: bool | None = None, capturable: bool = False,
     ) -> None:  # fmt: skip
         self.accumulation_steps = check_positive_int(
             "accumulation_steps", accumulation_steps
         )
         self.layerwise = check_flag("layerwise", layerwise)
+        self.foreach = check_foreach(foreach)
+        self.capturable = check_flag("capturable", capturable)
+        self._stacks: dict[tuple[int, ...], list[Any]] = {}  # NOTE [stacked state]
+        self._stack_keys: dict[torch.Tensor, tuple[int, ...]] = {}
+        self._chunk_elements = GROUP_MIN_ELEMENTS  # NOTE [chunks]
         self._init_clipping(max_grad_norm)
         self._plans: dict[torch.Tensor, policy.CompressionPlan] = {}
         self._group_index: dict[torch.Tensor, int] = {}
@@ -149,6 +171,9 @@ class FloraOptimizer(HooksMixin, ClippingMixin, CheckpointMixin, torch.optim.Opt
         for p, plan in zip(params, plans, strict=True):
             self._plans[p] = plan
             self._group_index[p] = len(self.param_groups) - 1
+            self._chunk_elements = max(self._chunk_elements, p.numel())
+            if not distributed.is_sharded(p):  # ahead of a traced / captured step
+                rng.device_table(XP, p.device)
         self._ensure_hooks()
 
     def _check_plan_keys(self, group: dict[str, Any], index: int) -> None:
@@ -186,9 +211,15 @@ class FloraOptimizer(HooksMixin, ClippingMixin, CheckpointMixin, torch.optim.Opt
                 state.update(
                     distributed.sharded_state(p, plan, fields, self._rule, config)
                 )
-            state["count"] = 0
+            state["count"] = self._count(0, p)
             state.update(metadata(plan))
         return state
+
+    def _count(self, value: int, p: torch.Tensor) -> Any:
+        """A ``count`` as kept in the state: an int, or a device tensor when capturable."""
+        if not self.capturable:
+            return int(value)
+        return torch.tensor(int(value), dtype=torch.int64, device=p.device)
 
     def _check_grad(self, p: torch.Tensor, grad: torch.Tensor) -> None:
         if grad.is_sparse:
@@ -252,13 +283,15 @@ class FloraOptimizer(HooksMixin, ClippingMixin, CheckpointMixin, torch.optim.Opt
                 self._drop_cycle()
                 return loss
         self._clip_before_update(inv_scale)  # see flora_torch._clipping
+        items = []
         for index, group in enumerate(self.param_groups):
             self._check_plan_keys(group, index)
             config = self._config(group)
             for p in group["params"]:
                 grad = self._gradient(p, config, inv_scale)
                 if grad is not None:
-                    self._update(p, grad, group, config)
+                    items.append((p, grad, index))
+        self._update_all(items)  # NOTE [grouped step]
         self._cycle_micro_steps = 0
         return loss
 

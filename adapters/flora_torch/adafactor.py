@@ -106,6 +106,8 @@ class FloraAdafactor(FloraOptimizer):
         accumulation_steps: int = 1,
         layerwise: bool = False,
         max_grad_norm: float | None = None,
+        foreach: bool | None = None,
+        capturable: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, decay_rate=decay_rate, decay_offset=decay_offset,
@@ -118,7 +120,8 @@ class FloraAdafactor(FloraOptimizer):
         )  # fmt: skip
         super().__init__(
             params, defaults, accumulation_steps=accumulation_steps,
-            layerwise=layerwise, max_grad_norm=max_grad_norm,
+            layerwise=layerwise, max_grad_norm=max_grad_norm, foreach=foreach,
+            capturable=capturable,
         )  # fmt: skip
 
     def _config(self, group: dict[str, Any]) -> rules.AdafactorConfig:

@@ -89,6 +89,8 @@ class FloraAdam(FloraOptimizer):
         accumulation_steps: int = 1,
         layerwise: bool = False,
         max_grad_norm: float | None = None,
+        foreach: bool | None = None,
+        capturable: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
@@ -97,7 +99,8 @@ class FloraAdam(FloraOptimizer):
         )  # fmt: skip
         super().__init__(
             params, defaults, accumulation_steps=accumulation_steps,
-            layerwise=layerwise, max_grad_norm=max_grad_norm,
+            layerwise=layerwise, max_grad_norm=max_grad_norm, foreach=foreach,
+            capturable=capturable,
         )  # fmt: skip
 
     def _config(self, group: dict[str, Any]) -> rules.AdamConfig:

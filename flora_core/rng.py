@@ -154,10 +154,16 @@ Streams = int | Sequence[int]
 
 def _streams(stream: Streams) -> int | tuple[int, ...]:
     """An int stream, or a tuple of int streams (one block per stream, stacked)."""
-    if isinstance(stream, int | np.integer) and not isinstance(stream, bool):
-        _check_word("stream", int(stream))
-        return int(stream)
-    streams = tuple(int(s) for s in np.asarray(stream).reshape(-1))
+    if isinstance(stream, int) and not isinstance(stream, bool):
+        _check_word("stream", stream)
+        return stream
+    if isinstance(stream, np.integer):
+        return _streams(int(stream))
+    streams = (
+        tuple(stream)
+        if isinstance(stream, tuple | list)
+        else tuple(int(s) for s in np.asarray(stream).reshape(-1))
+    )
     for s in streams:
         _check_word("stream", s)
     return streams
@@ -240,6 +246,12 @@ def _generic_block_words(
 
 
 _STREAM_WORDS: dict[tuple[str, str, tuple[int, ...]], Array] = {}
+
+
+def device_streams(streams: Sequence[int], xp: Namespace, device: Any = None) -> Array:
+    """The stacked-stream counter word on a device, made now (it is cached): call it
+    before a traced or captured step so that the step only reads it."""
+    return _stream_words(tuple(int(s) for s in streams), xp, device)
 
 
 def _stream_words(streams: tuple[int, ...], xp: Namespace, device: Any) -> Array:

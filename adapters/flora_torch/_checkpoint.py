@@ -179,6 +179,7 @@ class CheckpointMixin:
         saved_ids = list(chain.from_iterable(g["params"] for g in saved_groups))
         ordered = self._ordered()
         super().load_state_dict(state_dict)  # type: ignore[misc]
+        self._reset_layout()  # NOTE [step layout]
         for pid, (p, _) in zip(saved_ids, ordered, strict=True):
             if pid in saved_states:  # NOTE [float32 state on load]
                 self.state[p] = self._installed(p, saved_states[pid])
@@ -309,6 +310,7 @@ class CheckpointMixin:
             self._fields_check(p, fields, config)
         for (p, _), fields in zip(ordered, arrays, strict=True):
             self.state[p] = self._installed(p, fields)
+        self._reset_layout()  # NOTE [step layout]
         self._resume_cycle()
 
     def all_reduce_accumulators(self, group: Any = None) -> None:

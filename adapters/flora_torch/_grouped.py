@@ -44,7 +44,8 @@ from typing import Any
 
 import torch
 
-from flora_core import policy
+from flora_core import policy, rng
+from flora_core.policy import ROLE_MOMENTUM
 from flora_torch import distributed
 from flora_torch._checkpoint import XP
 
@@ -89,51 +90,107 @@ class GroupedMixin:
         return self.foreach is not False and not distributed.is_sharded(p)
 
     def _update_all(self, items: list[tuple[torch.Tensor, torch.Tensor, int]]) -> None:
-        """Update every ``(param, grad, group index)``: grouped where it applies."""
-        buckets: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        configs = {}
-        for p, grad, index in items:
-            group = self.param_groups[index]
-            if index not in configs:
-                configs[index] = self._config(group)
-            config = configs[index]
-            if not self._grouped(p):
-                self._update(p, grad, group, config)
-                continue
-            self._check_grad(p, grad)
-            state = self._state(p, config)
-            plan = self._plans[p]
-            count = None if self.capturable else state["count"]
-            key = (index, plan.shape, plan.rank, plan.axis, plan.distribution,
-                   plan.seed, p.dtype, p.device, grad.dtype, count)  # fmt: skip
-            buckets.setdefault(key, []).append((p, grad))
-        for key, members in buckets.items():
-            index = key[0]
-            for chunk in self._chunks(members):
-                self._update_chunk(chunk, self.param_groups[index], configs[index])
+        """Update every ``(param, grad, group index)``: grouped where it applies.
 
-    def _chunks(
-        self, members: list[tuple[torch.Tensor, torch.Tensor]]
-    ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        NOTE [step layout]: which stacks to run and which gradients feed them is
+        decided once (``_prepare``, eager even under ``torch.compile``: it creates
+        state, reads counts and stacks) and reused while the same parameters have
+        gradients and their state is the stacks' (checked in eager mode; loading a
+        state dict or a per-tensor update resets it). A compiled step therefore
+        traces only tensor math over fixed stacks.
+        """
+        grouped = []
+        configs: dict[int, Any] = {}
+        for p, grad, index in items:
+            if index not in configs:
+                configs[index] = self._config(self.param_groups[index])
+            if self._grouped(p):
+                grouped.append((p, grad, index))
+            else:
+                self._update(p, grad, self.param_groups[index], configs[index])
+        if not grouped:
+            return
+        key = tuple(self._plans[p].param_index for p, _, _ in grouped)
+        layout = self._layout
+        compiling = torch.compiler.is_compiling()
+        if (
+            layout is None
+            or layout[0] != key
+            or (compiling and not self.capturable)
+            or not self._layout_current(layout[1])
+        ):
+            layout = self._prepare(key, grouped, configs, compiling)
+        for stack, positions, index in layout[1]:
+            grads = [grouped[i][1] for i in positions]
+            group = self.param_groups[index]
+            self._update_stack(stack, grads, group, configs[index])
+
+    def _layout_current(self, stacks: list) -> bool:
+        if torch.compiler.is_compiling():  # NOTE [step layout]: reset explicitly
+            return True
+        return all(self._current(stack) for stack, _, _ in stacks)
+
+    @torch.compiler.disable
+    def _prepare(
+        self, key: tuple, grouped: list, configs: dict[int, Any], compiling: bool
+    ) -> tuple:
+        """Buckets, chunks and stacks for these parameters (NOTE [step layout]).
+
+        NOTE [compiled counts]: a Python int ``count`` is a constant to Dynamo,
+        which would recompile ``step`` at every update; a step that is being
+        compiled therefore switches the optimizer to ``capturable=True`` first
+        (device-tensor counts, where-gated resamples: one graph for every step),
+        as Dynamo does for torch's own optimizers.
+        """
+        if compiling and not self.capturable:
+            self.capturable = True
+            self._reset_layout()
+            for p, state in self.state.items():
+                if "count" in state:
+                    state["count"] = self._count(int(state["count"]), p)
+        buckets: dict[tuple, list[int]] = {}
+        for position, (p, grad, index) in enumerate(grouped):
+            self._check_grad(p, grad)
+            state = self._state(p, configs[index])
+            plan = self._plans[p]
+            count = int(state["count"])  # a tensor when capturable: read here only
+            bucket = (index, plan.shape, plan.rank, plan.axis, plan.distribution,
+                      plan.seed, p.dtype, p.device, grad.dtype, count)  # fmt: skip
+            buckets.setdefault(bucket, []).append(position)
+        stacks = []
+        for bucket, positions in buckets.items():
+            for chunk in self._chunks(positions, grouped):
+                params = [grouped[i][0] for i in chunk]
+                stacks.append((self._stack_for(params), chunk, bucket[0]))
+        self._layout = (key, stacks)
+        return self._layout
+
+    def _reset_layout(self) -> None:
+        """Forget the stacks (after the state was replaced)."""
+        self._layout = None
+        self._stacks.clear()
+        self._stack_keys.clear()
+
+    def _chunks(self, positions: list[int], grouped: list) -> list[list[int]]:
         """Consecutive members, at most ``_chunk_elements`` elements each."""
-        chunks: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[]]
+        chunks: list[list[int]] = [[]]
         size = 0
-        for member in members:
-            n = member[0].numel()
+        for position in positions:
+            n = grouped[position][0].numel()
             if chunks[-1] and size + n > self._chunk_elements:
                 chunks.append([])
                 size = 0
-            chunks[-1].append(member)
+            chunks[-1].append(position)
             size += n
         return chunks
 
-    def _stacks_for(self, params: list[torch.Tensor], config: Any) -> list[_Stack]:
-        """The stacks of ``params``, rebuilt unless every state view is still theirs."""
+    def _stack_for(self, params: list[torch.Tensor]) -> _Stack:
+        """The stack of ``params``, rebuilt unless every state view is still its own."""
         key = tuple(self._plans[p].param_index for p in params)
-        stacks = self._stacks.get(key)
-        if stacks is None or not all(self._current(s) for s in stacks):
-            stacks = self._restack(params, key)
-        return stacks
+        stack = self._stacks.get(key)
+        if stack is None or not self._current(stack):
+            stack = self._restack(params, key)
+        return stack
 
     def _current(self, stack: _Stack) -> bool:
         for p, mine in zip(stack.params, stack.views, strict=True):
@@ -143,44 +200,30 @@ class GroupedMixin:
                     return False
         return True
 
-    def _restack(self, params: list[torch.Tensor], key: tuple) -> list[_Stack]:
+    def _restack(self, params: list[torch.Tensor], key: tuple) -> _Stack:
         """Stack the members' state (one copy) and make each ``state[p]`` a view."""
         for p in params:  # drop the stacks these parameters belonged to
             old = self._stack_keys.pop(p, None)
-            if old is not None:
-                for q in self._stacks.pop(old, ()):
-                    for r in q.params:
-                        self._stack_keys.pop(r, None)
-        parts = [params]
-        if self.capturable:  # members must share the count (a sync, at restack only)
-            counts = [int(self.state[p]["count"]) for p in params]
-            parts = [[p for p, c in zip(params, counts, strict=True) if c == value]
-                     for value in dict.fromkeys(counts)]  # fmt: skip
-        stacks = []
-        for members in parts:
-            plan = policy.stack_plans([self._plans[p] for p in members])
-            stack = _Stack(members, plan)
-            states = [self.state[p] for p in members]
-            for name in RULE_FIELDS:
-                if name in states[0]:
-                    stack.fields[name] = torch.stack([s[name] for s in states])
-                    stack.bind(states, name, stack.fields[name])
-            if self.capturable:
-                counts = [torch.as_tensor(s["count"]) for s in states]
-                stack.count = torch.stack(counts).to(members[0].device, torch.int64)
-                stack.bind(states, "count", stack.count)
-            stacks.append(stack)
-        self._stacks[key] = stacks
+            if old is not None and old in self._stacks:
+                for q in self._stacks.pop(old).params:
+                    self._stack_keys.pop(q, None)
+        plan = policy.stack_plans([self._plans[p] for p in params])
+        stack = _Stack(params, plan)
+        states = [self.state[p] for p in params]
+        for name in RULE_FIELDS:
+            if name in states[0]:
+                stack.fields[name] = torch.stack([s[name] for s in states])
+                stack.bind(states, name, stack.fields[name])
+        if self.capturable:
+            counts = [torch.as_tensor(s["count"]) for s in states]
+            stack.count = torch.stack(counts).to(params[0].device, torch.int64)
+            stack.bind(states, "count", stack.count)
+        if plan.compressed:  # ahead of a traced / captured step
+            rng.device_streams(plan.stream(ROLE_MOMENTUM), XP, params[0].device)
+        self._stacks[key] = stack
         for p in params:
             self._stack_keys[p] = key
-        return stacks
-
-    def _update_chunk(
-        self, chunk: list[tuple[torch.Tensor, torch.Tensor]], group: dict, config: Any
-    ) -> None:
-        for stack in self._stacks_for([p for p, _ in chunk], config):
-            grads = [g for p, g in chunk if any(p is q for q in stack.params)]
-            self._update_stack(stack, grads, group, config)
+        return stack
 
     def _update_stack(
         self, stack: _Stack, grads: list[torch.Tensor], group: dict, config: Any
@@ -198,10 +241,15 @@ class GroupedMixin:
             config=config, lr=group["lr"], xp=XP, device=params[0].device,
         )  # fmt: skip
         del grad, param
-        if stack.count is not None:  # NOTE [stacked state]: in place, fixed addresses
+        if stack.count is not None or torch.compiler.is_compiling():
+            # NOTE [stacked state]: in place, fixed addresses
             for name, field in stack.fields.items():
                 field.copy_(new_state[name])
-            stack.count.add_(1)
+            if stack.count is not None:
+                stack.count.add_(1)
+            else:
+                for p in params:
+                    self.state[p]["count"] += 1
         else:
             states = [self.state[p] for p in params]
             for name in stack.fields:

@@ -93,7 +93,8 @@ class FloraOptimizer(
         self.layerwise = check_flag("layerwise", layerwise)
         self.foreach = check_foreach(foreach)
         self.capturable = check_flag("capturable", capturable)
-        self._stacks: dict[tuple[int, ...], list[Any]] = {}  # NOTE [stacked state]
+        self._stacks: dict[tuple[int, ...], Any] = {}  # NOTE [stacked state]
+        self._layout: Any = None  # NOTE [step layout]
         self._stack_keys: dict[torch.Tensor, tuple[int, ...]] = {}
         self._chunk_elements = GROUP_MIN_ELEMENTS  # NOTE [chunks]
         self._init_clipping(max_grad_norm)
@@ -238,6 +239,8 @@ class FloraOptimizer(
     ) -> None:
         self._check_grad(p, grad)
         state = self._state(p, config)
+        if p in self._stack_keys:  # the per-tensor path rebinds a stacked state
+            self._reset_layout()
         with distributed.sharded_context(p):
             update, new_state = self._rule(
                 grad, state, p, plan=self._plans[p], config=config, lr=group["lr"],

@@ -40,7 +40,11 @@ NAMES = (
     "AdamW8bit",
     "APOLLO",
     "APOLLO-Mini",
+    "FloraAdam per-tensor",
+    "FloraAdam(factored) per-tensor",
+    "FloraAdafactor per-tensor",
 )
+PER_TENSOR = " per-tensor"  # foreach=False: the per-tensor reference path (issue 15)
 # GaLore's usual settings (its README and the paper): SVD projection refreshed every
 # 200 steps, update scaled by 0.25, the smaller side projected.
 GALORE = {"update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}
@@ -121,6 +125,14 @@ def make_optimizer(
     reason = missing(name, flora_opt_path)
     if reason:
         raise RuntimeError(f"{name}: {reason}")
+    if name.endswith(PER_TENSOR):
+        optimizer = make_optimizer(
+            name.removesuffix(PER_TENSOR), params, rank=rank, lr=lr,
+            flora_opt_path=flora_opt_path, targets=targets, kappa=kappa,
+            weight_decay=weight_decay, seed=seed,
+        )  # fmt: skip
+        optimizer.foreach = False  # type: ignore[attr-defined]
+        return optimizer
     wd = {} if weight_decay is None else {"weight_decay": weight_decay}
     if name == "SGD (stateless)":
         return torch.optim.SGD(params, lr=lr)

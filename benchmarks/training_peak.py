@@ -26,6 +26,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,19 +107,32 @@ def one_variant(name: str, device: str, batch: tuple[int, int], rank: int,
 
 
 def measure(names: tuple[str, ...], device: str, batch: tuple[int, int], rank: int,
-            flora_opt_path: str = FLORA_OPT_PATH, threads: int = 1) -> list[dict]:  # fmt: skip
-    """Each name's row (or why it is missing), from its own subprocess."""
+            flora_opt_path: str = FLORA_OPT_PATH, threads: int = 1,
+            deadline: float | None = None) -> list[dict]:  # fmt: skip
+    """Each name's row (or why it is missing), from its own subprocess.
+
+    ``deadline`` (a ``time.time()``): names not started by then are skipped, and a
+    subprocess running past it is stopped (a GPU run's time budget).
+    """
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     rows: list[dict] = []
     for name in names:
         reason = missing(name, flora_opt_path)
+        left = None if deadline is None else deadline - time.time()
+        if left is not None and left < 10:
+            reason = reason or "over the time budget"
         if reason:
             rows.append({"optimizer": name, "skipped": reason})
             continue
         command = [sys.executable, __file__, name, "--device", device, "--batch",
                    *map(str, batch), "--rank", str(rank), "--threads", str(threads),
                    "--flora-opt-path", flora_opt_path]  # fmt: skip
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        try:
+            done = subprocess.run(command, env=env, capture_output=True, text=True,
+                                  timeout=left)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            rows.append({"optimizer": name, "skipped": "over the time budget"})
+            continue
         if done.returncode:
             error = (done.stderr.strip().splitlines() or ["?"])[-1]
             rows.append({"optimizer": name, "error": error})

@@ -120,6 +120,13 @@ class WordOps:
             return self.xp.asarray(value, dtype=self.dtype)
         return self.xp.asarray(value, dtype=self.dtype, device=device)
 
+    def key(self, value: int, device: Any = None) -> Array | int:
+        """A Philox key word for an xor: a plain int on torch (a scalar operand, no
+        host-to-device copy, so a CUDA graph can capture the rounds)."""
+        if self.backend == "torch":
+            return value
+        return self.const(value, device)
+
     def arange(self, start: int, stop: int, device: Any = None) -> Array:
         xp = self.xp
         if self.backend == "tensorflow":

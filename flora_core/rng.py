@@ -70,7 +70,7 @@ def _philox_words(
         if round_index:
             k0 = (k0 + PHILOX_W0) & MASK32
             k1 = (k1 + PHILOX_W1) & MASK32
-        x = _philox_round(x, ops.const(k0, device), ops.const(k1, device), ops)
+        x = _philox_round(x, ops.key(k0, device), ops.key(k1, device), ops)
     return x
 
 

@@ -120,7 +120,10 @@ def _run_problem(problem, foreach):
     optimizer = _problem_optimizer(problem, params, foreach)
     for micro_batches in problem.grads():
         for grads in micro_batches:
-            sum((p * torch.from_numpy(g)).sum() for p, g in zip(params, grads)).backward()
+            sum(
+                (p * torch.from_numpy(g)).sum()
+                for p, g in zip(params, grads, strict=True)
+            ).backward()
         optimizer.step()
         optimizer.zero_grad()
     return [p.detach().numpy() for p in params], optimizer
@@ -239,13 +242,16 @@ def test_compiled_step_follows_eager() -> None:
 
     models = [torch.nn.Linear(24, 40), torch.nn.Linear(24, 40)]
     models[1].load_state_dict(models[0].state_dict())
-    optimizers = [FloraAdam(m.parameters(), lr=1e-2, rank=4, kappa=KAPPA) for m in models]
+    optimizers = [
+        FloraAdam(m.parameters(), lr=1e-2, rank=4, kappa=KAPPA) for m in models
+    ]
     step = torch.compile(optimizers[1].step)
     g = torch.Generator().manual_seed(3)
     graphs = []
     for _ in range(STEPS):
         x = torch.randn(8, 24, generator=g)
-        for model, optimizer, run in zip(models, optimizers, (optimizers[0].step, step)):
+        runs = (optimizers[0].step, step)
+        for model, optimizer, run in zip(models, optimizers, runs, strict=True):
             model(x).square().mean().backward()
             run()
             optimizer.zero_grad()

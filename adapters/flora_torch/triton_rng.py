@@ -167,7 +167,7 @@ def draw(
     kind: str,
     seed: int,
     step: int | torch.Tensor,
-    stream: int,
+    stream: int | tuple[int, ...],
     shape: tuple[int, int],
     *,
     offset: tuple[int, int] = (0, 0),
@@ -180,7 +180,8 @@ def draw(
     Args:
         kind: ``"bits"`` (uint32), ``"uniform"``, ``"rademacher"`` or ``"gaussian"``.
         seed, step, stream: as ``flora_core.rng.random_bits`` (ints; a one-element
-            tensor ``step`` is read back to the host).
+            tensor ``step`` is read back to the host). A tuple of streams stacks
+            their blocks into ``(B, *shape)`` (one launch per stream).
         shape: ``(rows, cols)`` of the block; offset: its first ``(row, col)``.
         device: a CUDA device (default ``"cuda"``; CPU under the interpreter).
         scale: multiply the floats by ``float32(scale)`` in the kernel (projections).
@@ -191,6 +192,14 @@ def draw(
     """
     if kind not in MODES:
         raise ValueError(f"Invalid kind: {kind!r} (expected one of {list(MODES)})")
+    if isinstance(stream, tuple | list):  # stacked streams: one block per stream
+        blocks = torch.empty(
+            (len(stream), *shape), device=resolve_device(device),
+            dtype=torch.int32 if kind == "bits" else torch.float32,
+        )  # fmt: skip
+        for block, one in zip(blocks, stream, strict=True):
+            draw(kind, seed, step, one, shape, offset=offset, scale=scale, out=block)
+        return blocks.view(torch.uint32) if kind == "bits" else blocks
     seed = rng.check_seed(seed)
     step = _check_word("step", step)
     stream = _check_word("stream", stream)

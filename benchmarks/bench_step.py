@@ -227,6 +227,10 @@ def main() -> None:
                         help="rounds per model, in --models order")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--compile-models", nargs="+", default=["proxy"],
+                        help="models whose steps are also compiled (default: the "
+                        "proxy; on a shared 2-core CPU a GPT-2-small compile takes "
+                        "tens of minutes)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="small shapes (smoke)")
     parser.add_argument("--out", default=str(RESULTS / "step"))
     parser.add_argument("--peaks", action="store_true",
@@ -242,7 +246,8 @@ def main() -> None:
     for i, label in enumerate(args.models):
         spec = (QUICK if args.quick else MODELS)[label]
         reps = args.reps[min(i, len(args.reps) - 1)]
-        rows += measure_model(label, spec, NAMES, reps, not args.no_compile)
+        compile_ = not args.no_compile and label in args.compile_models
+        rows += measure_model(label, spec, NAMES, reps, compile_)
     result = {"meta": provenance("torch"), "threads": args.threads, "reps": args.reps,
               "load_start": load_start, "load_end": round(os.getloadavg()[0], 2),
               "rows": rows, "ratios": ratios(rows)}  # fmt: skip

@@ -26,10 +26,14 @@ rebound]); ``capturable=True`` copies into them, so their addresses never change
 CUDA graph replays on the same memory).
 
 NOTE [chunks]: stacking copies the bucket's gradients (and parameters, where the
-rule reads them) and the rule's full-size temporaries are as large as the stack. A
-bucket is therefore split into chunks of at most ``max(largest parameter,
-GROUP_MIN_ELEMENTS)`` elements: the temporaries of a chunk are never larger than
-those the per-tensor path makes for the largest parameter, plus at most 32 MiB.
+rule reads them), and the rule's full-size temporaries are as large as the stack.
+The per-tensor path's peak is set by its largest parameter ``L``: about ``k L``
+for ``k >= 3`` full-size temporaries, with no copy. A bucket is therefore split
+into chunks of at most ``max(3/4 L, GROUP_MIN_ELEMENTS)`` elements, so a chunk's
+copy and temporaries, ``(k + 1) 3/4 L``, stay within ``k L``; a stack of one
+parameter is a view, not a copy. The floor of 4 Mi elements (16 MiB of float32)
+keeps layers of models without a large embedding grouped; it can raise such a
+model's peak by a few tens of MiB (``optimizer._chunk_elements`` sets it).
 
 Where grouping does not apply, the per-tensor path runs: DTensor parameters (FSDP2,
 tensor parallel: their states are sharded per parameter), the layer-wise update
@@ -50,7 +54,7 @@ from flora_torch import distributed
 from flora_torch._checkpoint import XP
 
 RULE_FIELDS = ("mu", "nu", "nu_row", "nu_col")
-GROUP_MIN_ELEMENTS = 1 << 23  # 32 MiB of float32 per chunk at least (NOTE [chunks])
+GROUP_MIN_ELEMENTS = 1 << 22  # 16 MiB of float32 per chunk at least (NOTE [chunks])
 
 
 class _Stack:
@@ -230,8 +234,12 @@ class GroupedMixin:
     ) -> None:
         """One rule call for the whole stack, then one multi-tensor parameter add."""
         params = stack.params
-        grad = torch.stack(grads)
-        param = torch.stack(params) if _needs_param(config) else None
+        if len(params) == 1:  # a view: no copy (the largest parameter is often alone)
+            grad = grads[0].unsqueeze(0)
+            param = params[0].unsqueeze(0) if _needs_param(config) else None
+        else:
+            grad = torch.stack(grads)
+            param = torch.stack(params) if _needs_param(config) else None
         if stack.count is not None:
             count: Any = stack.count[0]
         else:

@@ -172,7 +172,7 @@ class FloraOptimizer(
         for p, plan in zip(params, plans, strict=True):
             self._plans[p] = plan
             self._group_index[p] = len(self.param_groups) - 1
-            self._chunk_elements = max(self._chunk_elements, p.numel())
+            self._chunk_elements = max(self._chunk_elements, 3 * p.numel() // 4)
             if not distributed.is_sharded(p):  # ahead of a traced / captured step
                 rng.device_table(XP, p.device)
         self._ensure_hooks()

@@ -70,7 +70,9 @@ def test_cuda_graph_replay_matches_eager(optimizer):
     graphed = graphed.cuda()
     graphed.load_state_dict(eager.state_dict())
     o_eager = optimizer(eager.parameters(), lr=1e-2, rank=16, kappa=3)
-    o_graph = optimizer(graphed.parameters(), lr=1e-2, rank=16, kappa=3, capturable=True)
+    o_graph = optimizer(
+        graphed.parameters(), lr=1e-2, rank=16, kappa=3, capturable=True
+    )
     data = torch.randn(10, 8, 96, device="cuda")
 
     def backward(model, x):  # the same .grad tensors every time (a graph input)

@@ -87,7 +87,8 @@ class OpCounter(TorchDispatchMode):
 
 
 def measure_model(label: str, spec: tuple, names: tuple[str, ...], reps: int,
-                  compile_: bool) -> list[dict]:  # fmt: skip
+                  compile_: bool,
+                  compile_names: tuple[str, ...] = NAMES) -> list[dict]:  # fmt: skip
     d, blocks, vocab, ctx, rank = spec
     shapes = gpt2_shapes(d, blocks, vocab, ctx)
     gen = torch.Generator().manual_seed(0)
@@ -100,7 +101,8 @@ def measure_model(label: str, spec: tuple, names: tuple[str, ...], reps: int,
 
     variants: dict[str, dict] = {}
     for name in names:
-        for mode in ("eager", "compiled") if compile_ else ("eager",):
+        compiled = compile_ and name in compile_names
+        for mode in ("eager", "compiled") if compiled else ("eager",):
             optimizer = make(name, params, rank)
             step = optimizer.step
             row = {"model": label, "optimizer": name, "mode": mode,
@@ -227,6 +229,8 @@ def main() -> None:
                         help="rounds per model, in --models order")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--compile-names", nargs="+", choices=NAMES,
+                        default=list(NAMES), help="optimizers also compiled")  # fmt: skip
     parser.add_argument("--compile-models", nargs="+", default=["proxy"],
                         help="models whose steps are also compiled (default: the "
                         "proxy; on a shared 2-core CPU a GPT-2-small compile takes "
@@ -247,7 +251,8 @@ def main() -> None:
         spec = (QUICK if args.quick else MODELS)[label]
         reps = args.reps[min(i, len(args.reps) - 1)]
         compile_ = not args.no_compile and label in args.compile_models
-        rows += measure_model(label, spec, NAMES, reps, compile_)
+        rows += measure_model(label, spec, NAMES, reps, compile_,
+                              tuple(args.compile_names))  # fmt: skip
     result = {"meta": provenance("torch"), "threads": args.threads, "reps": args.reps,
               "load_start": load_start, "load_end": round(os.getloadavg()[0], 2),
               "rows": rows, "ratios": ratios(rows)}  # fmt: skip

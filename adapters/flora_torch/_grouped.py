@@ -28,10 +28,13 @@ CUDA graph replays on the same memory).
 NOTE [chunks]: stacking copies the bucket's gradients (and parameters, where the
 rule reads them), and the rule's full-size temporaries are as large as the stack.
 The per-tensor path's peak is set by its largest parameter ``L``: about ``k L``
-for ``k >= 3`` full-size temporaries, with no copy. A bucket is therefore split
-into chunks of at most ``max(3/4 L, GROUP_MIN_ELEMENTS)`` elements, so a chunk's
-copy and temporaries, ``(k + 1) 3/4 L``, stay within ``k L``; a stack of one
-parameter is a view, not a copy. The floor of 4 Mi elements (16 MiB of float32)
+for ``k`` full-size temporaries (two to three, NOTE [lean temporaries]), with no
+copy. A bucket is therefore split into chunks of at most ``max(3/4 L,
+GROUP_MIN_ELEMENTS)`` elements, and ``1/2 L`` when the rule reads the parameters
+too (weight decay, Adafactor's parameter scale: a second stacked copy), so a
+chunk's copies and temporaries stay near ``k L`` (measured on GPT-2 small:
+``benchmarks/results/step_peak.md``); a stack of one parameter is a view, not a
+copy. The floor of 4 Mi elements (16 MiB of float32)
 keeps layers of models without a large embedding grouped; it can raise such a
 model's peak by a few tens of MiB (``optimizer._chunk_elements`` sets it).
 
@@ -163,7 +166,8 @@ class GroupedMixin:
             buckets.setdefault(bucket, []).append(position)
         stacks = []
         for bucket, positions in buckets.items():
-            for chunk in self._chunks(positions, grouped):
+            copies = 1 + _needs_param(configs[bucket[0]])  # gradients (and params)
+            for chunk in self._chunks(positions, grouped, copies):
                 params = [grouped[i][0] for i in chunk]
                 stacks.append((self._stack_for(params), chunk, bucket[0]))
         self._layout = (key, stacks)
@@ -175,13 +179,17 @@ class GroupedMixin:
         self._stacks.clear()
         self._stack_keys.clear()
 
-    def _chunks(self, positions: list[int], grouped: list) -> list[list[int]]:
-        """Consecutive members, at most ``_chunk_elements`` elements each."""
+    def _chunks(
+        self, positions: list[int], grouped: list, copies: int
+    ) -> list[list[int]]:
+        """Consecutive members, at most ``_chunk_elements`` elements each, 2/3 of
+        that when the parameters are stacked too (NOTE [chunks])."""
+        limit = self._chunk_elements * 2 // (1 + copies)
         chunks: list[list[int]] = [[]]
         size = 0
         for position in positions:
             n = grouped[position][0].numel()
-            if chunks[-1] and size + n > self._chunk_elements:
+            if chunks[-1] and size + n > limit:
                 chunks.append([])
                 size = 0
             chunks[-1].append(position)

@@ -133,6 +133,7 @@ class CheckpointMixin:
                 "supported); build the optimizer again and load its state_dict()"
             )
         self._hooks = {}
+        self._init_layout()  # NOTE [copies of stacks] in flora_torch._grouped
         self._ensure_hooks()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -92,6 +92,21 @@ def _needs_param(config: Any) -> bool:
 class GroupedMixin:
     """The grouped step of ``FloraOptimizer`` (see the module docstring)."""
 
+    # a copy keeps the flags; its layout starts empty (NOTE [copies of stacks])
+    _copied_attrs = ("foreach", "capturable", "_chunk_elements")
+
+    def _init_layout(self) -> None:
+        """No stacks yet (NOTE [copies of stacks]).
+
+        NOTE [copies of stacks]: the stacks reference parameters and state views; a
+        deep copy would keep those links, but ``pickle`` does not keep one tensor a
+        view of another, so a copy's layout is rebuilt from its own state at its
+        first step (one restack), like after ``load_state_dict``.
+        """
+        self._stacks: dict[tuple[int, ...], _Stack] = {}  # NOTE [stacked state]
+        self._stack_keys: dict[torch.Tensor, tuple[int, ...]] = {}
+        self._layout: Any = None  # NOTE [step layout]
+
     def _grouped(self, p: torch.Tensor) -> bool:
         """Whether ``p`` can take the grouped path (NOTE [grouped step])."""
         return self.foreach is not False and not distributed.is_sharded(p)
@@ -175,9 +190,7 @@ class GroupedMixin:
 
     def _reset_layout(self) -> None:
         """Forget the stacks (after the state was replaced)."""
-        self._layout = None
-        self._stacks.clear()
-        self._stack_keys.clear()
+        self._init_layout()
 
     def _chunks(
         self, positions: list[int], grouped: list, copies: int

@@ -93,10 +93,8 @@ class FloraOptimizer(
         self.layerwise = check_flag("layerwise", layerwise)
         self.foreach = check_foreach(foreach)
         self.capturable = check_flag("capturable", capturable)
-        self._stacks: dict[tuple[int, ...], Any] = {}  # NOTE [stacked state]
-        self._layout: Any = None  # NOTE [step layout]
-        self._stack_keys: dict[torch.Tensor, tuple[int, ...]] = {}
         self._chunk_elements = GROUP_MIN_ELEMENTS  # NOTE [chunks]
+        self._init_layout()
         self._init_clipping(max_grad_norm)
         self._plans: dict[torch.Tensor, policy.CompressionPlan] = {}
         self._group_index: dict[torch.Tensor, int] = {}

@@ -14,7 +14,9 @@ from typing import Any
 import torch
 
 # Settings of the whole optimizer: a param group cannot change them.
-OPTIMIZER_LEVEL = ("accumulation_steps", "layerwise", "max_grad_norm")
+OPTIMIZER_LEVEL = (
+    "accumulation_steps", "layerwise", "max_grad_norm", "foreach", "capturable",
+)  # fmt: skip
 
 
 def split_names(params: list[Any]) -> tuple[list[Any], list[str] | None]:

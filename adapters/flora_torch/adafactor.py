@@ -34,9 +34,10 @@ class FloraAdafactor(FloraOptimizer):
 
     Args:
         params: parameters or param groups (dicts; any argument below except
-            ``accumulation_steps``, ``layerwise`` and ``max_grad_norm`` can be set
-            per group), or ``model.named_parameters()`` (the names are kept in
-            ``param_groups`` and ``state_dict()`` as ``param_names``).
+            ``accumulation_steps``, ``layerwise``, ``max_grad_norm``, ``foreach``
+            and ``capturable`` can be set per group), or
+            ``model.named_parameters()`` (the names are kept in ``param_groups``
+            and ``state_dict()`` as ``param_names``).
         lr: learning rate; relative to the parameter's RMS when
             ``multiply_by_parameter_scale`` (a float or 1-element tensor).
         momentum: β of the (compressed) momentum; None disables momentum (then

@@ -32,9 +32,10 @@ class FloraAdam(FloraOptimizer):
 
     Args:
         params: parameters or param groups (dicts; any argument below except
-            ``accumulation_steps``, ``layerwise`` and ``max_grad_norm`` can be set
-            per group), or ``model.named_parameters()`` (the names are kept in
-            ``param_groups`` and ``state_dict()`` as ``param_names``).
+            ``accumulation_steps``, ``layerwise``, ``max_grad_norm``, ``foreach``
+            and ``capturable`` can be set per group), or
+            ``model.named_parameters()`` (the names are kept in ``param_groups``
+            and ``state_dict()`` as ``param_names``).
         lr: learning rate (a float or a 1-element tensor; LR schedulers work).
         betas: ``(β1, β2)``; β1 is the compressed momentum's decay.
         eps: added to ``sqrt(v̂)``.

@@ -16,12 +16,14 @@ Not applicable, with the reason (torch's tests that are not ported):
 * ``test_fused_*``, ``test_cpu_load_state_dict``, ``test_fused_cpu_matches_cuda``,
   ``test_defaults_changed_to_foreach``, ``test_foreach_large_tensor``,
   ``test_peak_memory_foreach``, ``test_set_default_dtype_works_with_foreach``,
-  ``test_mixed_device_dtype``: there is no ``fused``, ``foreach``,
-  ``capturable`` or ``differentiable`` flag. The one numeric path is compared with
-  the core on numpy instead (``test_matches_core_reference``, the
-  foreach-equals-forloop check, in float64, float32, bfloat16 and float16);
-  ``test_foreach_matches_forloop`` itself is ported and runs once the optimizers
-  take ``foreach`` (it skips until then).
+  ``test_mixed_device_dtype``: there is no ``fused`` or ``differentiable`` flag,
+  and ``foreach`` / ``capturable`` choose Flora's grouped path and device counts,
+  not torch's kernels (those tests check torch's fused and foreach kernels on
+  CUDA). Each numeric path is compared with the core on numpy
+  (``test_matches_core_reference``, in float64, float32, bfloat16 and float16), and
+  ``test_foreach_matches_forloop`` (ported) compares ``foreach=True`` with
+  ``foreach=False``; grouped against per-tensor over every dtype, axis and the
+  conformance problems is ``test_grouped.py``.
 * ``maximize``: not an option of these optimizers (maximise ``-loss``).
 * ``test_second_order_optims_return_consistent_types``: ``step`` needs no closure.
 * ``test_forloop_goes_right_direction_multigpu``,

@@ -3,13 +3,17 @@
     benchmarks/gpu/run.sh                      # everything, < 8 min on one H200
     python benchmarks/bench_gpu.py [--only bits rng step memory velora] [--reps 20]
     python benchmarks/bench_gpu.py --dry-run   # what would run; needs no GPU
+    python benchmarks/bench_gpu.py --smoke --out /tmp/gpu-smoke  # CPU smoke run
 
 Needs a CUDA GPU and refuses to run without one; ``--dry-run`` lists every row,
-each section's time budget and the optional packages, anywhere (CI runs it). All
+each section's time budget and the optional packages, anywhere (CI runs it), and
+``--smoke`` runs what of each section can run on a CPU (the core's bits on CPU
+torch, the eager steps at tiny GPT-2 shapes, VeLoRA's saved bytes) into ``--out``,
+never into benchmarks/results: it checks the code, it measures nothing. All GPU
 rows come from one run, TF32 off, timed with CUDA events (median of ``--reps``
 after warm-up). A section that fails is reported as an error row; one that runs
 out of its budget skips its remaining rows and says so. Nothing is written without
-a GPU. Writes benchmarks/results/gpu.json and gpu.md.
+a GPU. Writes gpu.json and gpu.md into ``--out`` (default benchmarks/results).
 
 1. ``bits``: FLORA-RNG v1 words, uniform, rademacher and gaussian floats, and a
    stacked-streams projection, drawn on the GPU by the core on CUDA torch tensors,
@@ -114,7 +118,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--flora-opt-path", default=_optimizers.FLORA_OPT_PATH)
     parser.add_argument("--dry-run", action="store_true",
                         help="list the measurements; needs no GPU, writes nothing")  # fmt: skip
-    return parser.parse_args(argv)
+    parser.add_argument("--smoke", action="store_true",
+                        help="run each section's CPU-capable code at tiny shapes; "
+                             "needs --out (not benchmarks/results)")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=RESULTS,
+                        help="folder for gpu.json and gpu.md")  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.smoke and args.out.resolve() == RESULTS.resolve():
+        parser.error("--smoke writes CPU numbers: give --out a folder other than "
+                     f"{RESULTS} (which holds GPU numbers only)")  # fmt: skip
+    return args
 
 
 def available(module: str) -> bool:
@@ -491,18 +504,18 @@ RATIO_DOC = {"rng": "throughput / torch.randn's", "compress": "speed-up over tor
              "velora": "saved bytes / plain's", "bits": ""}  # fmt: skip
 
 
-def write(rows: list[dict], meta: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "gpu.json").write_text(
-        json.dumps({"meta": meta, "rows": rows}, indent=1)
-    )
+def write(rows: list[dict], meta: dict, out: Path = RESULTS) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     gpu, mib = meta["gpu"], 2**20
+    title = meta.get("title", "The GPU check (benchmarks/gpu/run.sh)")
     lines = [
-        "# The GPU check (benchmarks/gpu/run.sh)\n", f"- Command: `{meta['command']}`",
+        f"# {title}\n", f"- Command: `{meta['command']}`",
         f"- GPU: {gpu['name']} ({gpu['memory_gib']:.0f} GiB), CUDA {gpu['cuda']}; "
         f"CPU {meta['machine']['cpu']}",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
-        f"- Date: {meta['date']}; TF32 off; medians of CUDA-event timings",
+        f"- Date: {meta['date']}; "
+        + meta.get("timing", "TF32 off; medians of CUDA-event timings"),
         "- Sections (budget / used s): " + ", ".join(
             f"{k} {BUDGET_S[k]} / {v:.0f}" for k, v in meta["section_seconds"].items())
         + "\n",
@@ -521,7 +534,7 @@ def write(rows: list[dict], meta: dict) -> None:
         lines.append(f"| {r['kind']} | {r.get('what', '')} | {where} | {ms} | {ratio} "
                      f"| {RATIO_DOC.get(r['kind'], '')} | {equal} | {peak} | {state} "
                      f"| {note} |")  # fmt: skip
-    (RESULTS / "gpu.md").write_text("\n".join(lines) + "\n")
+    (out / "gpu.md").write_text("\n".join(lines) + "\n")
 
 
 def dry_run(args: argparse.Namespace) -> None:
@@ -533,10 +546,61 @@ def dry_run(args: argparse.Namespace) -> None:
     print(f"installed: {provenance(*PACKAGES)['versions']}")
 
 
+SMOKE_SHAPES = {"tiny GPT-2": gpt2_shapes(64, 2, vocab=128, ctx=32)}
+
+
+def smoke_bits() -> list[dict]:
+    """The ``bits`` comparison with the core on CPU torch (the GPU rows need CUDA)."""
+    import array_api_compat.torch as xtorch
+
+    b = BITS_BLOCK
+    rows = []
+    for d in DRAWS:
+        args = (b["seed"], b["step"], b["stream"], b["shape"])
+        want = getattr(rng, d)(*args, xp=np, offset=b["offset"]).view(np.uint32)
+        got = _host_words(getattr(rng, d)(*args, xp=xtorch, offset=b["offset"]))
+        rows.append({"kind": "bits", "what": f"core on CPU torch {d}",
+                     "shape": list(b["shape"]),
+                     "equal": bool(np.array_equal(got, want))})  # fmt: skip
+    return rows
+
+
+def smoke(args: argparse.Namespace) -> list[dict]:
+    """``--smoke``: each section's code on CPU at tiny shapes (no GPU numbers)."""
+    torch.set_num_threads(1)
+    sections = {
+        "bits": lambda b: smoke_bits(),
+        "step": lambda b: bench_step(args.reps, b, device="cpu", models=SMOKE_SHAPES),
+        "velora": lambda b: bench_velora(b, device="cpu"),
+    }
+    rows: list[dict] = []
+    used: dict[str, float] = {}
+    meta = {**provenance(*PACKAGES), "title": "bench_gpu.py --smoke: a CPU smoke run "
+            "(checks the code; these are not GPU numbers)",
+            "gpu": {"name": "none (CPU)", "cuda": None, "memory_gib": 0.0},
+            "timing": "CPU, 1 thread, best of --reps"}  # fmt: skip
+    for name in args.only:
+        if name not in sections:
+            rows.append({"kind": name, "skipped": "needs CUDA"})
+            continue
+        budget = Budget(name)
+        rows += sections[name](budget)
+        used[name] = time.time() - budget.start
+    write(rows, {**meta, "section_seconds": used}, args.out)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.dry_run:
         dry_run(args)
+        return
+    if args.smoke:
+        rows = smoke(args)
+        bad = [r for r in rows if "error" in r or r.get("equal") is False]
+        print((args.out / "gpu.md").read_text())
+        if bad:
+            sys.exit(f"bench_gpu.py --smoke: {len(bad)} failing rows: {bad}")
         return
     if not torch.cuda.is_available():
         sys.exit("bench_gpu.py needs a CUDA GPU and none is available here "
@@ -565,8 +629,8 @@ def main(argv: list[str] | None = None) -> None:
             rows.append({"kind": name, "error": f"{type(error).__name__}: {error}"})
         used[name] = time.time() - budget.start
         print(f"[{name}] used {used[name]:.0f} s of {budget.limit} s", flush=True)
-        write(rows, {**meta, "section_seconds": used})
-    print((RESULTS / "gpu.md").read_text())
+        write(rows, {**meta, "section_seconds": used}, args.out)
+    print((args.out / "gpu.md").read_text())
 
 
 if __name__ == "__main__":

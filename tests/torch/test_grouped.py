@@ -9,6 +9,7 @@ number of buckets, not of parameters; ``capturable=True`` makes no host read;
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 
@@ -233,6 +234,31 @@ def test_capturable_follows_eager(kind: str) -> None:
     for model, optimizer in zip(models, optimizers, strict=True):
         train(model, optimizer)
     # traced bias corrections use expm1 (NOTE [bias correction]): ulps apart
+    assert_same(models, optimizers, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("capturable", [False, True])
+@pytest.mark.parametrize("kind", ["adam", "adafactor"])
+def test_clipped_accumulation_and_copies_follow_per_tensor(
+    kind: str, capturable: bool
+) -> None:
+    """Issue 17 on the grouped path: ``max_grad_norm`` scales ``acc`` (not stacked)
+    while the rule's state is views of stacks, and a deep copy taken mid-run (its
+    stacks rebuilt, NOTE [copies of stacks]) goes on like the original."""
+    models, optimizers = pair(
+        kind, accumulation_steps=2, max_grad_norm=0.05, capturable=capturable
+    )
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(16, 24, generator=g) for _ in range(2 * STEPS)]
+    for step in range(STEPS):
+        if step == KAPPA + 1:  # the grouped side continues as a copy
+            models[1], grouped = copy.deepcopy((models[1], optimizers[1]))
+            optimizers = (optimizers[0], grouped)
+        for model, optimizer in zip(models, optimizers, strict=True):
+            for x in batches[2 * step : 2 * step + 2]:
+                model(x).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
     assert_same(models, optimizers, rtol=1e-4, atol=1e-6)
 
 

@@ -263,8 +263,10 @@ def test_clipped_accumulation_and_copies_follow_per_tensor(
 
 
 def test_compiled_step_follows_eager() -> None:
-    torch._dynamo.reset()
     from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()  # global: earlier tests' compiles would count here too
 
     models = [torch.nn.Linear(24, 40), torch.nn.Linear(24, 40)]
     models[1].load_state_dict(models[0].state_dict())

@@ -59,3 +59,31 @@ def accumulated_gradient(
     tau = xp.astype(steps, xp.float32) if hasattr(steps, "dtype") else float(steps)
     full = decompress(acc, a, plan.axis, xp=xp) / tau
     return xp.reshape(full, (*plan.batch, *plan.shape))
+
+
+def accumulated_square_norm(
+    acc: Array,
+    cycle: Array | int,
+    *,
+    plan: CompressionPlan,
+    xp: Namespace,
+    device: Any = None,
+) -> Array:
+    """``‖decompress(acc, A_cycle)‖²`` without decompressing (float32 scalar).
+
+    NOTE [norm in r x r space]: with ``A`` the cycle's ``r x d`` accumulation
+    projection and ``C = acc``, ``‖C A‖² = tr(C A Aᵀ Cᵀ) = sum(C ⊙ (C (A Aᵀ)))`` for
+    the last axis compressed and ``‖Aᵀ C‖² = sum(C ⊙ ((A Aᵀ) C))`` for the first: the
+    exact Frobenius norm of the decompressed sum (an identity, not an estimate), for
+    one ``r x d x r`` and one ``n x r x r`` product and no full-size temporary. In
+    float32 it differs from the norm of the materialised ``C A`` by rounding only
+    (relative error about 1e-7, ``tests/torch/test_clipping.py``). Clipping under
+    accumulation uses it: the host's own clip cannot see a gradient that was folded
+    into ``acc`` during backward. Uncompressed, ``acc`` is the full sum.
+    """
+    a = projection(plan, cycle, ROLE_ACCUMULATION, xp=xp, device=device)
+    if a is None:
+        return xp.sum(acc * acc)
+    gram = xp.matmul(a, xp.matrix_transpose(a))  # r x r
+    moved = xp.matmul(acc, gram) if plan.axis == 1 else xp.matmul(gram, acc)
+    return xp.sum(acc * moved)

@@ -29,8 +29,8 @@ applied (``_iterations // τ``), which the EMA reads; a weight marked
 and is written on the applied step; and ``clipnorm`` / ``clipvalue`` /
 ``global_clipnorm`` clip the accumulated mean, the gradient the update uses, not each
 micro-batch. The global norm of the means is computed from the compressed
-accumulators in ``r x r`` space (NOTE [norm in r x r space]), so nothing full-size is
-held for it.
+accumulators in ``r x r`` space (``flora_core.accumulation.accumulated_square_norm``),
+so nothing full-size is held for it.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ import keras
 from keras import ops
 
 from flora_core import _xp, accumulation, policy, rng
-from flora_core.projection import check_transfer, projection
+from flora_core.projection import check_transfer
 from flora_core.validation import check_lr, check_positive_int
 
 
@@ -263,7 +263,9 @@ class FloraOptimizer(keras.optimizers.Optimizer):
             acc = ops.convert_to_tensor(self._slots[index]["acc"])
             sums[index] = accumulation.accumulate(acc, grad, cycle, **core)
             if emits:
-                squares.append(_decompressed_sq_norm(sums[index], cycle, **core))
+                squares.append(
+                    accumulation.accumulated_square_norm(sums[index], cycle, **core)
+                )
         if not squares:
             return {"sums": sums, "scale": None}
         norm = ops.sqrt(sum(squares[1:], squares[0])) / tau
@@ -358,24 +360,6 @@ class FloraOptimizer(keras.optimizers.Optimizer):
 
 def _prefix(variable: Any) -> str:
     return str(getattr(variable, "path", variable.name)).replace("/", "_")
-
-
-def _decompressed_sq_norm(
-    acc: Any, cycle: Any, *, plan: policy.CompressionPlan, xp: Any, device: Any
-) -> Any:
-    """``‖decompress(acc, A_cycle)‖²`` without decompressing.
-
-    NOTE [norm in r x r space]: with ``A`` the ``r x d`` projection, ``‖C A‖² =
-    tr(C A Aᵀ Cᵀ) = sum(C ⊙ (C (A Aᵀ)))`` (axis 1) and ``‖Aᵀ C‖² = sum(C ⊙
-    ((A Aᵀ) C))`` (axis 0): one ``r x d x r`` product instead of a ``k x r x d``
-    decompression, and no full-size temporary.
-    """
-    a = projection(plan, cycle, policy.ROLE_ACCUMULATION, xp=xp, device=device)
-    if a is None:
-        return xp.sum(acc * acc)
-    gram = xp.matmul(a, xp.matrix_transpose(a))
-    moved = xp.matmul(acc, gram) if plan.axis == 1 else xp.matmul(gram, acc)
-    return xp.sum(acc * moved)
 
 
 @functools.cache

@@ -26,15 +26,10 @@ norm is about ``sqrt(1 + (d + 1) / r)`` times the full mean gradient's
 (``flora_core.projection.transfer_gain``): clipping it bounds the update's input
 exactly, as ``clip_grad_norm_`` does for an optimizer without compression.
 
-NOTE [norm in r x r space]: ``‖C A‖² = tr(C A Aᵀ Cᵀ) = sum(C ⊙ (C (A Aᵀ)))`` for
-the last axis compressed and ``‖Aᵀ C‖² = sum(C ⊙ ((A Aᵀ) C))`` for the first, with
-``A`` the cycle's accumulation projection (``r x d``) and ``C`` the ``acc`` state.
-This is the exact Frobenius norm of the decompressed accumulator (an identity, not
-an estimate); it costs one projection draw, an ``r x r x d`` and an ``n x r x r``
-matmul per parameter, and never builds a full-size gradient. The float32 result
-differs from the norm of the materialised ``C A`` by float32 rounding only
-(relative error about 1e-7 measured, ``tests/torch/test_clipping.py``). Rounding
-can make the sum of a nearly zero ``C`` slightly negative, so it is clamped at 0.
+The norm of the accumulated mean is computed in ``r x r`` space
+(``flora_core.accumulation.accumulated_square_norm``, NOTE [norm in r x r space]
+there): exact, with no full-size gradient built. Rounding can make the sum of a
+nearly zero accumulator slightly negative, so it is clamped at 0.
 """
 
 from __future__ import annotations
@@ -45,8 +40,7 @@ from typing import Any
 
 import torch
 
-from flora_core.policy import ROLE_ACCUMULATION
-from flora_core.projection import projection
+from flora_core import accumulation
 from flora_torch import distributed
 from flora_torch._checkpoint import XP
 
@@ -54,14 +48,9 @@ from flora_torch._checkpoint import XP
 def accumulated_square_norm(
     acc: torch.Tensor, cycle: int, steps: int, *, plan: Any, device: Any = None
 ) -> torch.Tensor:
-    """``‖decompress(acc, A_cycle) / steps‖²`` (NOTE [norm in r x r space]), float32."""
-    a = projection(plan, cycle, ROLE_ACCUMULATION, xp=XP, device=device)
-    if a is None:  # uncompressed (or identity): acc is the full-size sum
-        square = XP.sum(acc * acc)
-    else:
-        gram = XP.matmul(a, XP.matrix_transpose(a))  # r x r
-        mixed = XP.matmul(acc, gram) if plan.axis == 1 else XP.matmul(gram, acc)
-        square = XP.sum(acc * mixed)
+    """``‖decompress(acc, A_cycle) / steps‖²``, float32, summed over DTensor shards."""
+    square = accumulation.accumulated_square_norm(acc, cycle, plan=plan, xp=XP,
+                                                  device=device)  # fmt: skip
     if distributed.is_sharded(square):  # a Partial sum over the shards
         square = square.full_tensor()
     return square.clamp(min=0.0) / float(steps) ** 2

@@ -7,7 +7,7 @@ import array_api_compat.numpy as xp
 import numpy as np
 import pytest
 
-from flora_core import policy, projection, rules
+from flora_core import accumulation, policy, projection, rules
 
 
 def _moment_and_projections(d: int, r: int, distribution: str, k: int = 24):
@@ -211,3 +211,19 @@ def test_eps_before_bias_correction_is_keras_adamw(traced):
             params[option].append(p)
     np.testing.assert_allclose(params[True], expected, rtol=1e-6, atol=1e-7)
     assert not np.allclose(params[False], expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(64, 48), (48, 64)], ids=["axis0", "axis1"])
+def test_accumulated_square_norm_in_r_by_r_space(shape):
+    """NOTE [norm in r x r space]: the squared norm of decompress(acc) without
+    decompressing, for either compressed axis, and for an uncompressed parameter."""
+    plan = policy.plan(shape, 3, rank=6, seed=5)
+    acc = np.random.default_rng(0).standard_normal(plan.state_shape).astype("float32")
+    full = accumulation.accumulated_gradient(acc, 7, 1, plan=plan, xp=xp)
+    got = accumulation.accumulated_square_norm(acc, 7, plan=plan, xp=xp)
+    np.testing.assert_allclose(got, np.sum(full.astype(np.float64) ** 2), rtol=1e-5)
+    flat = policy.plan(shape, 3, rank=None, seed=5)
+    assert accumulation.accumulated_square_norm(acc, 7, plan=flat, xp=xp) == np.sum(
+        acc * acc
+    )
+

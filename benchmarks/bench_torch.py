@@ -19,7 +19,7 @@
    (elementwise passes, allocation); minor page faults per step.
 3. Optimizer-state bytes per parameter (sum of the storage bytes of every state
    tensor, GaLore's projection matrices included), ours checked against the schema's
-   formula (DESIGN §5: float32 ``mu`` of ``k x r`` or full, ``nu`` full or its
+   formula (docs/spec.md §5: float32 ``mu`` of ``k x r`` or full, ``nu`` full or its
    factors; ``count`` is a Python int).
 4. Peak memory of a GPT-2-small training step per optimizer (``training_peak.py``:
    transformers' GPT2LMHeadModel, ``--batch`` tokens, float32, one subprocess each),
@@ -85,7 +85,7 @@ def gpt2_small_shapes(quick: bool) -> list[tuple[int, ...]]:
 
 
 def schema_bytes(optimizer, kind: str) -> int:
-    """DESIGN §5 sizes, from shapes and plans only: 4 bytes per float32 element."""
+    """docs/spec.md §5 sizes, from shapes and plans only: 4 bytes per float32 element."""
     total = 0
     for group in optimizer.param_groups:
         for p in group["params"]:

@@ -1,4 +1,4 @@
-"""FLORA-RNG v1 known answers (DESIGN §2): the one copy every RNG test imports."""
+"""FLORA-RNG v1 known answers (docs/spec.md §2): the one copy every RNG test imports."""
 
 # Random123 kat_vectors for philox4x32_10: counter, key -> words.
 KATS = [

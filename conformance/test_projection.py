@@ -1,4 +1,4 @@
-"""Projections, compress / decompress / transfer (DESIGN §3) and Algorithms 1-2."""
+"""Projections, compress / decompress / transfer (docs/spec.md §3) and Algorithms 1-2."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Compressed gradient accumulation: FLORA Algorithm 1 (DESIGN §4, normative).
+"""Compressed gradient accumulation: FLORA Algorithm 1 (docs/spec.md §4, normative).
 
 Micro-batch gradients of cycle ``c`` (the number of updates applied so far) are
 compressed with ``A_c`` (role 1) and summed into ``acc``; after ``τ`` micro-batches the

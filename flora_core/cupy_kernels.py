@@ -1,7 +1,7 @@
 """FLORA-RNG v1 as one CUDA kernel for CuPy (``cupy.RawKernel``).
 
 ``draw(kind, seed, step, stream, shape, offset=...)`` returns the same words and
-floats as ``flora_core.rng`` (DESIGN §2): one thread per Philox counter, i.e. per
+floats as ``flora_core.rng`` (docs/spec.md §2): one thread per Philox counter, i.e. per
 row and group of four columns, grid-stride over the block. ``rng`` itself already
 runs on CuPy arrays through array ops (a dozen kernel launches per round); this is
 the single-launch path.

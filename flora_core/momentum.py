@@ -1,4 +1,4 @@
-"""Compressed momentum: FLORA Algorithm 2 (DESIGN §4, normative).
+"""Compressed momentum: FLORA Algorithm 2 (docs/spec.md §4, normative).
 
 With ``t`` updates applied so far and resample index ``i = t // κ``:
 when ``t > 0`` and ``t % κ == 0`` the moment moves from ``A_{i-1}`` to ``A_i``

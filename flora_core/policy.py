@@ -3,7 +3,7 @@
 Every adapter calls :func:`plan` for each parameter, in the host's canonical order, and
 keeps the returned :class:`CompressionPlan`; nothing else decides compression.
 
-Rules (DESIGN §3-4):
+Rules (docs/spec.md §3-4):
   * A parameter of shape ``(n, m)`` is viewed as a matrix; arrays of more dimensions
     as ``(shape[0], prod(shape[1:]))``. 0-D and 1-D parameters are never compressed.
   * The compressed axis (size ``d``) is the smaller one, the last on ties, unless the

@@ -1,4 +1,4 @@
-"""Random projections and compress / decompress / transfer (DESIGN §3, normative).
+"""Random projections and compress / decompress / transfer (docs/spec.md §3, normative).
 
 For resample index ``i`` the projection is ``A_i`` (``r x d``) with
 ``A_i[a, b] = z(seed, i, stream, (a, b)) / sqrt(r)``, ``z`` gaussian or rademacher, so

@@ -3,7 +3,7 @@
 Element ``(r, c)`` of a logical ``R x C`` matrix for ``(seed, step, stream)`` is word
 ``c & 3`` of ``philox4x32_10(counter=(c >> 2, r, step, stream), key=(seed_lo, seed_hi))``.
 Any block is computed from its own counters alone, so a shard of a projection can be
-generated without the rest (DESIGN §2, normative).
+generated without the rest (docs/spec.md §2, normative).
 
 Only integer ops and gathers lie between the counters and the floats, so the floats
 are bit-identical on numpy, torch, JAX, TensorFlow and CuPy, on CPU and GPU.

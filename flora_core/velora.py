@@ -2,7 +2,7 @@
 
 A linear layer ``y = x Wᵀ + b`` keeps its input ``x (..., D)`` for ``∂W = ∂yᵀ x``.
 VeLoRA splits every token into ``D / M`` sub-tokens of size ``M`` and keeps one scalar
-per sub-token, its projection on a fixed unit vector ``v`` (DESIGN §6):
+per sub-token, its projection on a fixed unit vector ``v`` (docs/spec.md §6):
 
     z = group(x) · v                      (..., D/M)        kept for backward
     x̂ = ungroup(z vᵀ)                     (..., D)          rebuilt in backward

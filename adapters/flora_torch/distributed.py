@@ -1,6 +1,6 @@
 """FLORA on sharded parameters: FSDP2 / DTensor states and tensor-parallel shards.
 
-FLORA's projections are counter-based (DESIGN §2): any block of ``A`` is generated
+FLORA's projections are counter-based (docs/spec.md §2): any block of ``A`` is generated
 from its own counters, the same bits on every rank, with no communication. Hence:
 
 * **FSDP2** (``torch.distributed.fsdp.fully_shard``) gives ``FloraAdam`` and

@@ -9,7 +9,7 @@ needs from its FLORA-RNG counters (``triton_rng.philox_tile``), scales it by
 it to ``tl.dot`` with fp32 accumulation.
 
 NOTE [fused ieee dot]: ``input_precision="ieee"``: TF32 would round ``G`` and ``A``
-to 10 mantissa bits and break conformance (DESIGN §7). Results match the core within
+to 10 mantissa bits and break conformance (docs/spec.md §0). Results match the core within
 float32 summation-order tolerance, not bit for bit (no matmul is bitwise portable).
 
 NOTE [transposed axis]: compressing the first axis, ``C = A G``, is ``Cᵀ = Gᵀ Aᵀ``,

@@ -2,7 +2,7 @@
 
 Element ``(r, c)`` of a logical ``R x C`` matrix for ``(seed, step, stream)`` is word
 ``c & 3`` of ``philox4x32_10(counter=(c >> 2, r, step, stream), key=(seed_lo,
-seed_hi))`` (DESIGN §2, normative); the floats are ``T[w >> 16]`` (gaussian),
+seed_hi))`` (docs/spec.md §2, normative); the floats are ``T[w >> 16]`` (gaussian),
 ``1 - 2 (w >> 31)`` (rademacher) and ``float32((w >> 8) | 1) 2**-24`` (uniform).
 Integer ops and one gather only, so the values are bit-identical to
 ``flora_core.rng`` on numpy.
@@ -11,7 +11,7 @@ NOTE [triton philox layout]: ``tl.philox(seed, c0, c1, c2, c3, 10)`` on uint32
 counters is Random123's Philox4x32-10 with exactly the spec's layout: ``c0..c3`` are
 the counter words ``x0..x3``, the key is ``(seed & 0xFFFFFFFF, seed >> 32)``, round
 constants ``0xD2511F53`` (word 0) and ``0xCD9E8D57`` (word 2), key bumps ``0x9E3779B9``
-and ``0xBB67AE85``. Checked against the DESIGN known answers in interpreter mode
+and ``0xBB67AE85``. Checked against the spec's known answers (docs/spec.md §2) in interpreter mode
 (``tests/gpu/test_triton_interpret.py``). Counters must be uint32 before the call:
 an int64 counter silently selects Triton's Philox4x64 variant.
 

@@ -226,4 +226,3 @@ def test_accumulated_square_norm_in_r_by_r_space(shape):
     assert accumulation.accumulated_square_norm(acc, 7, plan=flat, xp=xp) == np.sum(
         acc * acc
     )
-

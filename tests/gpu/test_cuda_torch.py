@@ -1,8 +1,9 @@
 """flora_core and flora_torch on CUDA tensors (skipped without CUDA).
 
-Not executed where this was written (no GPU). Checks the GPU claims of DESIGN §2 and
-§7 for torch: projection bits on the device equal numpy's (generic torch path and
-Triton kernels), and a FloraAdam trajectory on CUDA matches the CPU one with TF32 off.
+Not executed where this was written (no GPU). Checks the GPU claims of docs/spec.md §2
+and the conformance tolerances for torch: projection bits on the device equal numpy's
+(generic torch path and Triton kernels), and a FloraAdam trajectory on CUDA matches
+the CPU one with TF32 off.
 """
 
 from __future__ import annotations

@@ -74,8 +74,8 @@ FACTORIES: dict[str, Callable[..., Any]] = {
 }
 # What flora_optax's docstrings say must be static under inject_hyperparams when
 # init is jitted: seed always (a uint64 key), flora_adam's b1, b2 and weight_decay
-# (flora_core needs them as Python numbers), flora_adafactor's
-# min_dim_size_to_factor (it fixes the state's shapes, as in optax.adafactor).
+# (flora_core needs them as Python numbers), and what fixes the state's shapes: an
+# int rank, flora_adafactor's min_dim_size_to_factor (as optax.adafactor's).
 STATIC_UNDER_JIT = {
     "flora_adam": ("b1", "b2", "weight_decay", "seed"),
     "flora_adafactor": ("min_dim_size_to_factor", "seed"),
@@ -113,12 +113,16 @@ def _setup_rosenbrock(dtype: Any) -> tuple[jax.Array, jax.Array, Callable]:
     final_params = jnp.array([a, a**2], dtype=dtype)
 
     def objective(params: jax.Array) -> jax.Array:
-        return jnp.abs(a - params[0]) ** 2 + b * jnp.abs(params[1] - params[0] ** 2) ** 2
+        return (
+            jnp.abs(a - params[0]) ** 2 + b * jnp.abs(params[1] - params[0] ** 2) ** 2
+        )
 
     return initial_params, final_params, objective
 
 
-def _assert_trees_close(actual: Any, desired: Any, rtol: float, atol: float = 0.0) -> None:
+def _assert_trees_close(
+    actual: Any, desired: Any, rtol: float, atol: float = 0.0
+) -> None:
     flat_a, tree_a = jax.tree.flatten(actual)
     flat_d, tree_d = jax.tree.flatten(desired)
     assert tree_a == tree_d, f"different structures:\n{tree_a}\n{tree_d}"
@@ -145,7 +149,9 @@ def test_optimization(entry: Any, target: Callable) -> None:
 
     step = jax.jit(body)
     # Steps 2..9999 in one compiled loop: the same steps, without 10^4 dispatches.
-    rest = jax.jit(lambda p, s: jax.lax.fori_loop(2, 10000, lambda _, ps: body(*ps), (p, s)))
+    rest = jax.jit(
+        lambda p, s: jax.lax.fori_loop(2, 10000, lambda _, ps: body(*ps), (p, s))
+    )
 
     params = initial_params
     state = opt.init(params)
@@ -202,7 +208,8 @@ def test_optimizers_can_be_wrapped_in_inject_hyperparams(entry: Any, rank: Any) 
     (rtol 1e-3) and the inner state (rtol 1e-4) of the plain one."""
     name, kwargs = entry
     opt = _make(entry, rank=rank)
-    inject = optax.inject_hyperparams(FACTORIES[name], static_args=STATIC_UNDER_JIT[name])
+    static = STATIC_UNDER_JIT[name] + (("rank",) if isinstance(rank, int) else ())
+    inject = optax.inject_hyperparams(FACTORIES[name], static_args=static)
     opt_inject = inject(**kwargs, rank=rank)
     params, grads = _inject_problem()
 
@@ -246,7 +253,9 @@ def test_state_shape_dtype_shard_stability(entry: Any, dtype: str) -> None:
             updates = jax.grad(objective)(params)
             cond = jax.random.randint(jax.random.key(0), (), 0, 2) == 0
             updates, state = jax.lax.cond(
-                cond, lambda: opt.update(updates, state, params), lambda: (params, state)
+                cond,
+                lambda: opt.update(updates, state, params),
+                lambda: (params, state),
             )
             return optax.apply_updates(params, updates), state
 
@@ -289,7 +298,9 @@ class Loss(flax_linen.Module):
     @flax_linen.compact
     def __call__(self, x: jax.Array, dtype: Any = jnp.float32,
                  param_dtype: Any = jnp.float32) -> jax.Array:  # fmt: skip
-        return jnp.sum(flax_linen.Dense(10, dtype=dtype, param_dtype=param_dtype)(x) ** 2)
+        return jnp.sum(
+            flax_linen.Dense(10, dtype=dtype, param_dtype=param_dtype)(x) ** 2
+        )
 
 
 def _has_updated(state: flora_optax.FloraMultiStepsState) -> bool:
@@ -344,18 +355,19 @@ def test_multi_steps_every_k_schedule() -> None:
     ms_opt = flora_optax.flora_multi_steps(
         optax.sgd(1e-4), lambda grad_step: jnp.where(grad_step < 2, 1, 3)
     )
+    update = jax.jit(ms_opt.update)
     params = {"a": jnp.zeros([])}
     opt_state = ms_opt.init(params)
     grad = {"a": jnp.zeros([])}
     assert not _has_updated(opt_state)
     for _ in range(2):  # one mini-step per update
-        _, opt_state = ms_opt.update(grad, opt_state, params)
+        _, opt_state = update(grad, opt_state, params)
         assert _has_updated(opt_state)
     for _ in range(5):  # then three
         for _ in range(2):
-            _, opt_state = ms_opt.update(grad, opt_state, params)
+            _, opt_state = update(grad, opt_state, params)
             assert not _has_updated(opt_state)
-        _, opt_state = ms_opt.update(grad, opt_state, params)
+        _, opt_state = update(grad, opt_state, params)
         assert _has_updated(opt_state)
 
 
@@ -416,11 +428,16 @@ def test_multi_steps_mixed_precision(inner: str) -> None:
     opt = optax.adam(0.1) if inner == "adam" else flora_optax.flora_adam(0.1)
     ms_opt = flora_optax.flora_multi_steps(opt, k_steps)
 
+    # Abstract evaluation (the host runs it eagerly): the test checks dtypes only,
+    # and eval_shape gives the same dtypes without compiling or running anything.
     def train_step(data: jax.Array, opt_state: Any, params: Any, opt_update: Callable,
                    upd_dtype: Any) -> tuple[Any, Any]:  # fmt: skip
-        grad = jax.grad(loss_apply)(params, data)
-        grad = jax.tree.map(lambda x: x.astype(upd_dtype), grad)
-        return opt_update(grad, opt_state, params)
+        def step(data: jax.Array, opt_state: Any, params: Any) -> tuple[Any, Any]:
+            grad = jax.grad(loss_apply)(params, data)
+            grad = jax.tree.map(lambda x: x.astype(upd_dtype), grad)
+            return opt_update(grad, opt_state, params)
+
+        return jax.eval_shape(step, data, opt_state, params)
 
     dtypes_of = functools.partial(jax.tree.map, lambda x: x.dtype)
     dtypes = [jnp.float32, jnp.float16, jnp.bfloat16]
@@ -439,6 +456,6 @@ def test_multi_steps_mixed_precision(inner: str) -> None:
                 )
                 assert dtypes_of(updates) == dtypes_of(ms_updates), (
                     upd_dtype, param_dtype)  # fmt: skip
-                new_params = optax.apply_updates(params, ms_updates)
+                new_params = jax.eval_shape(optax.apply_updates, params, ms_updates)
                 assert dtypes_of(params) == dtypes_of(new_params)
                 params = new_params

@@ -59,6 +59,14 @@ def flora_multi_steps(
     between micro-batches. The inner optimizer runs (under ``lax.cond``) only on
     emitting steps; nothing branches in Python on traced values.
 
+    Gradient clipping: to clip what the update uses, the accumulated mean, put the
+    clip inside, ``flora_multi_steps(optax.chain(optax.clip_by_global_norm(c),
+    flora_adam(...)), k)``: the inner transformation sees the decompressed mean, as
+    in ``optax.MultiSteps``. Chained before (``optax.chain(
+    optax.clip_by_global_norm(c), flora_multi_steps(...))``) it clips each
+    micro-batch gradient before compression, and the mean the update uses is not
+    clipped: decompressing a rank-``r`` projection can make its norm exceed ``c``.
+
     {streams}
 
     Args:

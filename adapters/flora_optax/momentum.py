@@ -78,6 +78,8 @@ def scale_by_flora_momentum(
 
     {static_note}
 
+    {inject_momentum}
+
     Args:
         b1: decay of the moving average.
         {flora_args}

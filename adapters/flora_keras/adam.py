@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
 from typing import Any
 
 import keras
+from keras import ops
 
 from flora_core import rules
 from flora_core.validation import check_beta, check_nonnegative
@@ -46,16 +49,21 @@ class FloraAdam(FloraOptimizer):
     where a gradient element is small); this class only holds it in Keras
     variables.
 
-    Unlike `keras.optimizers.Adam`, epsilon is added to the bias-corrected
-    `sqrt(v_hat)` (as in torch and optax); Keras adds it to `sqrt(v)` before the
-    correction. The two agree to ~`eps / sqrt(v_hat)`.
+    `epsilon` is Keras' ("epsilon hat" of Kingma and Ba, as in
+    `keras.optimizers.Adam` and `AdamW`): it is added to `sqrt(v)` before the bias
+    correction, i.e. the formula above runs with `eps = epsilon / sqrt(1 -
+    beta_2**t)`. flora_torch and flora_optax take torch's and optax's eps, added
+    after the correction; the two conventions agree once `beta_2**t` is negligible
+    (`t >> 1 / (1 - beta_2)`), and differ early only where `sqrt(v_hat)` is not much
+    larger than `epsilon` (NOTE [keras epsilon]).
 
     Args:
         learning_rate: A float, a `keras.optimizers.schedules.LearningRateSchedule`
             or a callable with no arguments. Defaults to `0.001`.
         beta_1: float in `[0, 1)`, the decay of the (compressed) first moment.
         beta_2: float in `[0, 1)`, the decay of the second moment.
-        epsilon: float >= 0 added to `sqrt(v_hat)`. Defaults to `1e-7`.
+        epsilon: float >= 0 added to `sqrt(v)` before the bias correction (Keras'
+            convention, see above). Defaults to `1e-7`.
         {{flora_args}}
         factored: bool, default False. Keep the second moment as Adafactor row and
             column means (of the `(shape[0], prod(shape[1:]))` view).
@@ -136,6 +144,27 @@ class FloraAdam(FloraOptimizer):
         self.factored = factored
         self.second_moment = second_moment
         self._config = config
+
+    def _step_config(self, config: rules.AdamConfig, count: Any) -> rules.AdamConfig:
+        """``config`` with Keras' epsilon moved after the bias correction.
+
+        NOTE [keras epsilon]: Keras computes ``m / (1 - b1^t) * sqrt(1 - b2^t) /
+        (sqrt(v) + epsilon)`` = ``m̂ / (sqrt(v̂) + epsilon / sqrt(1 - b2^t))``; the
+        core adds its eps to ``sqrt(v̂)``, so it gets ``epsilon / sqrt(1 - b2^t)``
+        with ``t = count + 1`` (a tensor in traced code, NOTE [bias correction] in
+        ``flora_core.rules`` for the float32 form).
+        """
+        t = count + 1
+        if isinstance(t, int):
+            correction = math.sqrt(1.0 - config.b2**t)
+        elif config.b2 == 0.0:
+            correction = 1.0
+        else:
+            t = ops.cast(t, "float32")
+            correction = ops.sqrt(-ops.expm1(t * math.log(config.b2)))
+        stepped = copy.copy(config)  # eps may be a tensor: not re-validated
+        object.__setattr__(stepped, "eps", config.eps / correction)
+        return stepped
 
     def _config_for(self, variable: Any) -> rules.AdamConfig:
         if self._config.weight_decay and not self._use_weight_decay(variable):

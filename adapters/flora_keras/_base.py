@@ -251,8 +251,10 @@ class FloraOptimizer(keras.optimizers.Optimizer):
         """Every weight's new accumulator, and the scale that clips the means to
         ``global_clipnorm`` (Keras' ``clip_by_global_norm``, on the means)."""
         backend = keras.backend.backend()
-        tau = self.accumulation_steps
-        cycle = self._step() // tau
+        tau, step = self.accumulation_steps, self._step()
+        cycle = step // tau
+        # Eager torch knows whether this call emits; traced code computes it anyway.
+        emits = not isinstance(step, int) or step % tau == tau - 1
         sums, squares = {}, []
         for grad, variable in zip(grads, variables, strict=True):
             index = self._get_variable_index(variable)
@@ -260,7 +262,10 @@ class FloraOptimizer(keras.optimizers.Optimizer):
             core = self._core(index, grad)
             acc = ops.convert_to_tensor(self._slots[index]["acc"])
             sums[index] = accumulation.accumulate(acc, grad, cycle, **core)
-            squares.append(_decompressed_sq_norm(sums[index], cycle, **core))
+            if emits:
+                squares.append(_decompressed_sq_norm(sums[index], cycle, **core))
+        if not squares:
+            return {"sums": sums, "scale": None}
         norm = ops.sqrt(sum(squares[1:], squares[0])) / tau
         clip = self.global_clipnorm
         scale = clip * ops.minimum(1.0 / norm, 1.0 / clip) + (norm - norm)

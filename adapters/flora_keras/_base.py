@@ -315,11 +315,6 @@ class FloraOptimizer(keras.optimizers.Optimizer):
         self._apply_rule(grad, variable, index, cycle, lr, core, emit)
         self.assign(slots["acc"], ops.where(emit, ops.zeros_like(acc), acc))
 
-    def _step_config(self, config: Any, count: Any) -> Any:
-        """The core config of the update with count ``count`` (FloraAdam converts
-        Keras' epsilon)."""
-        return config
-
     def _apply_rule(
         self, grad: Any, variable: Any, index: int, count: Any, lr: Any,
         core: dict[str, Any], emit: Any = None,
@@ -332,7 +327,7 @@ class FloraOptimizer(keras.optimizers.Optimizer):
             grad,
             {"count": count, **state},
             param,
-            config=self._step_config(self._configs[index], count),
+            config=self._configs[index],
             lr=lr,
             **core,
         )

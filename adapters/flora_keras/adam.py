@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import math
 from typing import Any
 
 import keras
-from keras import ops
 
 from flora_core import rules
 from flora_core.validation import check_beta, check_nonnegative
 from flora_keras import _docs
 from flora_keras._base import FloraOptimizer
-
-
-def check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"Invalid {name}: {value!r} (expected True or False)")
-    return value
 
 
 @keras.saving.register_keras_serializable(package="flora_keras")
@@ -35,7 +26,7 @@ class FloraAdam(FloraOptimizer):
         m = decompress(M, A_i)                  # the full-size direction
         g_hat = decompress(compress(g, A_i), A_i)   # second_moment="projected"
         v <- beta_2 * v + (1 - beta_2) * g_hat**2   # full, or factored rows x cols
-        w <- w - lr * (m / (1 - beta_1**t) / (sqrt(v / (1 - beta_2**t)) + eps)
+        w <- w - lr * (sqrt(1 - beta_2**t) / (1 - beta_1**t) * m / (sqrt(v) + epsilon)
                        + weight_decay * w)
 
     and at every `t = kappa, 2 kappa, ...` the momentum is transferred from
@@ -51,11 +42,11 @@ class FloraAdam(FloraOptimizer):
 
     `epsilon` is Keras' ("epsilon hat" of Kingma and Ba, as in
     `keras.optimizers.Adam` and `AdamW`): it is added to `sqrt(v)` before the bias
-    correction, i.e. the formula above runs with `eps = epsilon / sqrt(1 -
-    beta_2**t)`. flora_torch and flora_optax take torch's and optax's eps, added
-    after the correction; the two conventions agree once `beta_2**t` is negligible
+    correction (the core's `AdamConfig(eps_before_bias_correction=True)`).
+    flora_torch and flora_optax take torch's and optax's eps, added after the
+    correction; the two conventions agree once `beta_2**t` is negligible
     (`t >> 1 / (1 - beta_2)`), and differ early only where `sqrt(v_hat)` is not much
-    larger than `epsilon` (NOTE [keras epsilon]).
+    larger than `epsilon` (NOTE [epsilon placement] in `flora_core.rules`).
 
     Args:
         learning_rate: A float, a `keras.optimizers.schedules.LearningRateSchedule`
@@ -111,7 +102,7 @@ class FloraAdam(FloraOptimizer):
         weight_decay: float | None = None,
         **kwargs: Any,
     ) -> None:
-        check_bool("factored", factored)
+        # Keras' names in the message; the config checks every field again.
         check_beta("beta_1", beta_1)
         check_beta("beta_2", beta_2)
         check_nonnegative("epsilon", epsilon)
@@ -126,6 +117,7 @@ class FloraAdam(FloraOptimizer):
             factored=factored,
             second_moment=second_moment,
             transfer=transfer,
+            eps_before_bias_correction=True,
         )
         super().__init__(
             learning_rate,
@@ -144,27 +136,6 @@ class FloraAdam(FloraOptimizer):
         self.factored = factored
         self.second_moment = second_moment
         self._config = config
-
-    def _step_config(self, config: rules.AdamConfig, count: Any) -> rules.AdamConfig:
-        """``config`` with Keras' epsilon moved after the bias correction.
-
-        NOTE [keras epsilon]: Keras computes ``m / (1 - b1^t) * sqrt(1 - b2^t) /
-        (sqrt(v) + epsilon)`` = ``m̂ / (sqrt(v̂) + epsilon / sqrt(1 - b2^t))``; the
-        core adds its eps to ``sqrt(v̂)``, so it gets ``epsilon / sqrt(1 - b2^t)``
-        with ``t = count + 1`` (a tensor in traced code, NOTE [bias correction] in
-        ``flora_core.rules`` for the float32 form).
-        """
-        t = count + 1
-        if isinstance(t, int):
-            correction = math.sqrt(1.0 - config.b2**t)
-        elif config.b2 == 0.0:
-            correction = 1.0
-        else:
-            t = ops.cast(t, "float32")
-            correction = ops.sqrt(-ops.expm1(t * math.log(config.b2)))
-        stepped = copy.copy(config)  # eps may be a tensor: not re-validated
-        object.__setattr__(stepped, "eps", config.eps / correction)
-        return stepped
 
     def _config_for(self, variable: Any) -> rules.AdamConfig:
         if self._config.weight_decay and not self._use_weight_decay(variable):

@@ -35,9 +35,11 @@ import flora_keras
     ],
     ids=["default-tensorflow", "jax"],
 )
-def test_missing_backend_framework_names_keras_backend(backend, framework, names):
+def test_missing_backend_framework_names_keras_backend(
+    backend, framework, names, tmp_path
+):
     env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
-    env["KERAS_HOME"] = str(ROOT / "nonexistent-keras-home")  # no keras.json
+    env["KERAS_HOME"] = str(tmp_path)  # no keras.json (Keras writes one there)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "adapters")])
     if backend:
         env["KERAS_BACKEND"] = backend

@@ -8,10 +8,14 @@ by the optimizer inside ``tf.function`` (TensorFlow), inside ``jax.jit`` through
 (torch). Accumulation problems make ``τ`` calls per update with the optimizer's
 compressed ``accumulation_steps``.
 
+FloraAdam takes Keras' epsilon, added to ``sqrt(v)`` before the bias correction
+(``eps_before_bias_correction=True`` in the core, NOTE [epsilon placement]), so
+against the reference it solves every ``adam`` problem with that convention
+(``solves``). The committed vectors use the core's default; on their problems
+(``eps = 1e-8``, ``|g| >= 0.5``) the two differ by < 1e-6 relative.
+
 ``run_reference`` is ``keras.optimizers.AdamW`` for ``adam`` identity problems.
-Keras puts epsilon on ``sqrt(v)`` before bias correction, the core after; with
-``eps = 1e-8`` and these gradients (``|g| >= 0.5``) the two differ by < 1e-6
-relative, so no special epsilon is needed. Keras has no faithful Adafactor
+Keras has no faithful Adafactor
 reference: ``keras.optimizers.Adafactor`` has no momentum, always factors the last
 two axes and keeps a full-size velocity, so ``adafactor`` identity problems are
 skipped here (the oracle comparison still covers FloraAdafactor's identity mode,
@@ -20,6 +24,7 @@ and ``tests/keras`` checks the momentum-free case against Keras' Adafactor).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -171,4 +176,11 @@ def supports(problem: Problem) -> bool:
     return problem.axis is None
 
 
-ENTRY = register(AdapterEntry("keras", run, run_reference, supports))
+def solves(problem: Problem) -> Problem:
+    """The problem with Keras' epsilon convention (see the module docstring)."""
+    if problem.rule != "adam":
+        return problem
+    return dataclasses.replace(problem, eps_before_bias_correction=True)
+
+
+ENTRY = register(AdapterEntry("keras", run, run_reference, supports, solves=solves))

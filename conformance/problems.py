@@ -57,6 +57,7 @@ class Problem:
     momentum: float | None = 0.9  # FloraAdafactor's; None: no first moment
     axis: int | None = None  # forced compressed axis of every matrix (None: policy)
     second_moment: str = "projected"  # FloraAdam's
+    eps_before_bias_correction: bool = False  # FloraAdam's (Keras' convention)
     gradients: str = "bounded"  # or "realistic" (see _realistic_gradients)
     # (t, j, i): parameter i gets no gradient in micro-batch j of update t (the
     # linear loss leaves it out; frameworks that cannot tell see zeros)
@@ -121,6 +122,7 @@ class Problem:
                 kappa=self.kappa, factored=self.factored,
                 weight_decay=self.weight_decay, transfer=self.transfer,
                 second_moment=self.second_moment,
+                eps_before_bias_correction=self.eps_before_bias_correction,
             )  # fmt: skip
         return rules.AdafactorConfig(
             momentum=self.momentum,
@@ -246,6 +248,12 @@ REALISTIC: dict[str, Problem] = {
     for p in (
         # NOTE [reference tolerances]: entries where |ĝ| is near eps
         _realistic("adam_realistic", "adam", weight_decay=0.01, atol=5e-5),
+        _realistic(
+            "adam_realistic_eps_before_bias_correction",
+            "adam",
+            eps_before_bias_correction=True,
+            atol=5e-5,
+        ),
         _realistic(
             "adam_realistic_factored_axis0",
             "adam",

@@ -301,6 +301,7 @@ class Adam:
     factored: bool = False
     second_moment: str = "projected"
     transfer: str = "least_squares"
+    eps_before_bias_correction: bool = False  # Keras' "epsilon hat"
 
 
 FACTOR_FLOOR = 1e-30  # added to the squares before the factored means
@@ -356,9 +357,13 @@ def adam_update(
         s.v = h.b2 * s.v + (1 - h.b2) * np.square(g_seen)
         v = s.v
     s.t = t + 1
-    m_hat = direction / p.real(1 - h.b1 ** (t + 1))
-    v_hat = v / p.real(1 - h.b2 ** (t + 1))
-    step = m_hat / (np.sqrt(v_hat) + p.real(h.eps))
+    if h.eps_before_bias_correction:  # Kingma and Ba's alpha_t and epsilon hat
+        alpha = np.sqrt(p.real(1 - h.b2 ** (t + 1))) / p.real(1 - h.b1 ** (t + 1))
+        step = alpha * direction / (np.sqrt(v) + p.real(h.eps))
+    else:
+        m_hat = direction / p.real(1 - h.b1 ** (t + 1))
+        v_hat = v / p.real(1 - h.b2 ** (t + 1))
+        step = m_hat / (np.sqrt(v_hat) + p.real(h.eps))
     return -p.real(h.lr) * (step + p.real(h.weight_decay) * param)
 
 
@@ -482,6 +487,7 @@ def hyper(problem: object) -> Adam | Adafactor:
             factored=problem.factored,
             second_moment=problem.second_moment,
             transfer=problem.transfer,
+            eps_before_bias_correction=problem.eps_before_bias_correction,
         )
     return Adafactor(
         lr=problem.lr,

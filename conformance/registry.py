@@ -36,6 +36,9 @@ class AdapterEntry:
         supports: predicate saying whether the adapter can run a problem (e.g. an
             adapter without compressed accumulation returns False for tau > 1).
         rtol, atol: float tolerance of the comparison with the oracle.
+        solves: the problem the adapter's ``run`` actually solves, where a host
+            convention fixes a setting (Keras' epsilon: FloraAdam with
+            ``eps_before_bias_correction=True`` whatever the problem says).
     """
 
     name: str
@@ -44,6 +47,7 @@ class AdapterEntry:
     supports: Callable[[Problem], bool] = lambda problem: True
     rtol: float = 1e-4
     atol: float = 1e-5
+    solves: Callable[[Problem], Problem] = lambda problem: problem
 
 
 ADAPTERS: dict[str, AdapterEntry] = {}

@@ -55,10 +55,12 @@ class AdamConfig:
     factored: bool = False
     second_moment: str = "projected"
     transfer: str = DEFAULT_TRANSFER
+    eps_before_bias_correction: bool = False  # NOTE [epsilon placement]
 
     def __post_init__(self) -> None:
         """Every field checked, naming a bad value (the adapters' one copy)."""
         check_transfer(self.transfer)
+        check_flag("eps_before_bias_correction", self.eps_before_bias_correction)
         if self.second_moment not in SECOND_MOMENTS:
             raise ValueError(
                 f"Invalid second_moment: {self.second_moment!r} (expected one of "
@@ -291,6 +293,13 @@ def flora_adam(
     ``|g_row| / sqrt(r)`` per element) by ``|g_ij|``, which is unbounded where a
     gradient element is small; on the demo GPT it diverged at AdamW's learning rate.
     In identity mode both equal AdamW.
+
+    NOTE [epsilon placement]: ``eps_before_bias_correction=True`` adds ``eps`` to
+    ``sqrt(v)`` and folds the corrections into the step size, ``-lr * sqrt(1-β2^t)
+    / (1-β1^t) * m / (sqrt(v) + eps)``: Kingma and Ba's "epsilon hat", the form of
+    ``keras.optimizers.Adam``/``AdamW``. It equals the default with ``eps /
+    sqrt(1-β2^t)``, so the two differ only in the first ~1/(1-β2) steps and only
+    where ``sqrt(v̂)`` is not much larger than ``eps``.
     """
     xp = xp or namespace(grad)
     check_gradient(grad, xp=xp)
@@ -324,15 +333,21 @@ def flora_adam(
         new_state["nu"] = nu
     del g, previous  # NOTE [lean temporaries]
     t = _as_float(count, 1, xp)
-    denom = nu / _one_minus_pow(b2, t, xp)
+    bc2 = _one_minus_pow(b2, t, xp)
+    if config.eps_before_bias_correction:  # NOTE [epsilon placement]
+        denom = xp.sqrt(nu)
+    else:
+        denom = nu / bc2
+        denom = xp.sqrt(denom)
     del nu
-    denom = xp.sqrt(denom)
     denom += config.eps
     step = _decompressed(mu, a, plan, xp)  # the direction
     if a is None:  # the new mu itself: read only
         step = step / _one_minus_pow(config.b1, t, xp)
     else:
         step /= _one_minus_pow(config.b1, t, xp)
+    if config.eps_before_bias_correction:
+        step *= bc2**0.5
     step /= denom
     del denom
     if config.weight_decay:

@@ -18,6 +18,27 @@ Functions:
                                   optimizer (moves between frameworks).
 """
 
+import os
+
+try:
+    import keras  # noqa: F401  (reads KERAS_BACKEND and imports that framework)
+except ModuleNotFoundError as error:
+    if error.name not in ("tensorflow", "jax", "torch"):
+        raise
+    _backend = os.environ.get("KERAS_BACKEND")
+    _which = (
+        f"KERAS_BACKEND={_backend!r}"
+        if _backend
+        else "no KERAS_BACKEND set, so Keras' default, TensorFlow (or the backend in "
+        "~/.keras/keras.json)"
+    )
+    raise ImportError(
+        f"flora_keras needs a Keras 3 backend: {_which}, but {error.name!r} is not "
+        "installed. Set KERAS_BACKEND=jax or KERAS_BACKEND=torch (with that framework "
+        "installed) before Python imports keras, or install TensorFlow: "
+        "pip install 'flora-opt-suite[keras,tensorflow]'."
+    ) from error
+
 from flora_keras.adafactor import FloraAdafactor
 from flora_keras.adam import FloraAdam
 from flora_keras.checkpoint import export_state, import_state

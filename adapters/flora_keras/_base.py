@@ -20,6 +20,17 @@ NOTE [gated accumulation]: with ``accumulation_steps = τ`` every call accumulat
 also evaluates the update from the running sum; ``where(emit, new, old)`` keeps the
 weights and moments unchanged except on the τ-th call. No value-dependent branch, so
 the same code runs eagerly, under ``jit`` and inside ``tf.function``.
+
+NOTE [accumulation as Keras']: with ``accumulation_steps`` a Flora optimizer follows
+Keras' own ``gradient_accumulation_steps``: ``_iterations`` counts calls
+(micro-batches; learning-rate schedules read it) and ``iterations`` the updates
+applied (``_iterations // τ``), which the EMA reads; a weight marked
+``overwrite_with_gradient`` (float8 scales) keeps the cycle's element-wise maximum
+and is written on the applied step; and ``clipnorm`` / ``clipvalue`` /
+``global_clipnorm`` clip the accumulated mean, the gradient the update uses, not each
+micro-batch. The global norm of the means is computed from the compressed
+accumulators in ``r x r`` space (NOTE [norm in r x r space]), so nothing full-size is
+held for it.
 """
 
 from __future__ import annotations
@@ -32,7 +43,7 @@ import keras
 from keras import ops
 
 from flora_core import _xp, accumulation, policy, rng
-from flora_core.projection import check_transfer
+from flora_core.projection import check_transfer, projection
 from flora_core.validation import check_lr, check_positive_int
 
 
@@ -108,11 +119,19 @@ class FloraOptimizer(keras.optimizers.Optimizer):
         ]
         self._configs = [self._config_for(v) for v in var_list]
         self._slots = []
-        for variable, plan, config in zip(
-            var_list, self._plans, self._configs, strict=True
+        self._overwrite_slots = {}
+        for index, (variable, plan, config) in enumerate(
+            zip(var_list, self._plans, self._configs, strict=True)
         ):
             if self._overwrite_variable_with_gradient(variable):
+                # No Flora state; under accumulation, the cycle's maximum (Keras').
                 self._slots.append(None)
+                if self._accumulating:
+                    self._overwrite_slots[index] = self.add_variable(
+                        shape=tuple(variable.shape),
+                        dtype=variable.dtype,
+                        name=f"{_prefix(variable)}_overwrite_acc",
+                    )
                 continue
             shapes = {
                 name: tuple(value.shape)
@@ -121,11 +140,10 @@ class FloraOptimizer(keras.optimizers.Optimizer):
             }
             if self._accumulating:
                 shapes["acc"] = accumulation.accumulator_shape(plan)
-            prefix = str(getattr(variable, "path", variable.name)).replace("/", "_")
             self._slots.append(
                 {
                     name: self.add_variable(
-                        shape=shape, dtype="float32", name=f"{prefix}_{name}"
+                        shape=shape, dtype="float32", name=f"{_prefix(variable)}_{name}"
                     )
                     for name, shape in shapes.items()
                 }
@@ -133,7 +151,17 @@ class FloraOptimizer(keras.optimizers.Optimizer):
 
     @property
     def _accumulating(self) -> bool:
-        return bool(self.accumulation_steps) and self.accumulation_steps > 1
+        steps = getattr(self, "accumulation_steps", None)
+        return bool(steps) and steps > 1
+
+    @property
+    def iterations(self) -> Any:
+        """Updates applied: with ``accumulation_steps = τ``, ``_iterations // τ``
+        (``_iterations`` counts calls), as Keras' own gradient accumulation counts
+        (NOTE [accumulation as Keras'])."""
+        if self._accumulating:
+            return ops.floor_divide(self._iterations, self.accumulation_steps)
+        return self._iterations
 
     @property
     def plans(self) -> list[policy.CompressionPlan]:
@@ -148,6 +176,37 @@ class FloraOptimizer(keras.optimizers.Optimizer):
         # Decoupled weight decay is part of the core rule (gated with accumulation);
         # Keras' own pre-update decay must not run a second time.
         return None
+
+    def _clip_gradients(self, grads: Any) -> Any:
+        # Accumulating, the mean is clipped in update_step (NOTE [accumulation as
+        # Keras']); Keras calls this on each micro-batch's gradients.
+        if self._accumulating:
+            return grads
+        return super()._clip_gradients(grads)
+
+    def _overwrite_variables_directly_with_gradients(
+        self, grads: Any, variables: Any
+    ) -> tuple[Any, Any]:
+        if not self._accumulating or not any(
+            self._overwrite_variable_with_gradient(v) for v in variables
+        ):
+            return super()._overwrite_variables_directly_with_gradients(
+                grads, variables
+            )
+        # NOTE [accumulation as Keras']: the cycle's element-wise maximum, written on
+        # the applied step.
+        emit = ops.equal((self._iterations + 1) % self.accumulation_steps, 0)
+        kept_grads, kept_variables = [], []
+        for grad, variable in zip(grads, variables, strict=True):
+            if not self._overwrite_variable_with_gradient(variable):
+                kept_grads.append(grad)
+                kept_variables.append(variable)
+                continue
+            acc = self._overwrite_slots[self._get_variable_index(variable)]
+            largest = ops.maximum(ops.cast(grad, acc.dtype), ops.convert_to_tensor(acc))
+            variable.assign(ops.where(emit, largest, ops.convert_to_tensor(variable)))
+            acc.assign(ops.where(emit, ops.zeros_like(largest), largest))
+        return kept_grads, kept_variables
 
     def _backend_update_step(
         self, grads: Any, variables: Any, learning_rate: Any
@@ -167,45 +226,92 @@ class FloraOptimizer(keras.optimizers.Optimizer):
         # Python int, so the core takes Python branches (no where-gated transfer
         # or update on micro-steps); traced code keeps it a tensor.
         self._eager_step = _eager_step(self._iterations)
+        self._accumulated = None
         try:
+            if self._accumulating and self.global_clipnorm:
+                self._accumulated = self._accumulate_all(grads, variables)
             super()._backend_update_step(grads, variables, learning_rate)
         finally:
             self._eager_step = None
+            self._accumulated = None
+
+    def _step(self) -> Any:
+        step = getattr(self, "_eager_step", None)
+        return ops.convert_to_tensor(self._iterations) if step is None else step
+
+    def _core(self, index: int, grad: Any) -> dict[str, Any]:
+        backend = keras.backend.backend()
+        return {
+            "plan": self._plans[index],
+            "xp": _namespace(backend),
+            "device": _xp.device_of(grad) if backend == "torch" else None,
+        }
+
+    def _accumulate_all(self, grads: Any, variables: Any) -> dict[str, Any]:
+        """Every weight's new accumulator, and the scale that clips the means to
+        ``global_clipnorm`` (Keras' ``clip_by_global_norm``, on the means)."""
+        backend = keras.backend.backend()
+        tau, step = self.accumulation_steps, self._step()
+        cycle = step // tau
+        # Eager torch knows whether this call emits; traced code computes it anyway.
+        emits = not isinstance(step, int) or step % tau == tau - 1
+        sums, squares = {}, []
+        for grad, variable in zip(grads, variables, strict=True):
+            index = self._get_variable_index(variable)
+            grad = _dense(grad, backend)
+            core = self._core(index, grad)
+            acc = ops.convert_to_tensor(self._slots[index]["acc"])
+            sums[index] = accumulation.accumulate(acc, grad, cycle, **core)
+            if emits:
+                squares.append(_decompressed_sq_norm(sums[index], cycle, **core))
+        if not squares:
+            return {"sums": sums, "scale": None}
+        norm = ops.sqrt(sum(squares[1:], squares[0])) / tau
+        clip = self.global_clipnorm
+        scale = clip * ops.minimum(1.0 / norm, 1.0 / clip) + (norm - norm)
+        return {"sums": sums, "scale": scale}
+
+    def _clipped_mean(self, mean: Any) -> Any:
+        """The accumulated mean clipped as Keras clips gradients."""
+        if self.clipnorm and self.clipnorm > 0:
+            return self._clip_by_norm(mean)
+        if self.global_clipnorm and self.global_clipnorm > 0:
+            return mean * ops.cast(self._accumulated["scale"], mean.dtype)  # type: ignore[index]
+        if self.clipvalue and self.clipvalue > 0:
+            return ops.clip(mean, -self.clipvalue, self.clipvalue)
+        return mean
 
     def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
         """One call of the core rule for ``variable``; results assigned to slots."""
         index = self._get_variable_index(variable)
         slots = self._slots[index]
-        backend = keras.backend.backend()
-        grad = _dense(gradient, backend)
-        core = {
-            "plan": self._plans[index],
-            "xp": _namespace(backend),
-            "device": _xp.device_of(grad) if backend == "torch" else None,
-        }
+        grad = _dense(gradient, keras.backend.backend())
+        core = self._core(index, grad)
         lr = ops.cast(learning_rate, "float32")
-        step = getattr(self, "_eager_step", None)
-        if step is None:
-            step = ops.convert_to_tensor(self._iterations)
+        step = self._step()
         if not self._accumulating:
             self._apply_rule(grad, variable, index, step, lr, core)
             return
         # NOTE [gated accumulation] (module docstring).
         tau = self.accumulation_steps
         cycle = step // tau
-        acc = accumulation.accumulate(
-            ops.convert_to_tensor(slots["acc"]), grad, cycle, **core
-        )
+        accumulated = getattr(self, "_accumulated", None)
+        if accumulated is not None:
+            acc = accumulated["sums"][index]
+        else:
+            acc = accumulation.accumulate(
+                ops.convert_to_tensor(slots["acc"]), grad, cycle, **core
+            )
         mean = accumulation.accumulated_gradient
         if isinstance(step, int):
             if step % tau == tau - 1:
-                grad = mean(acc, cycle, tau, **core)
+                grad = self._clipped_mean(mean(acc, cycle, tau, **core))
                 self._apply_rule(grad, variable, index, cycle, lr, core)
                 acc = ops.zeros_like(acc)
             self.assign(slots["acc"], acc)
             return
         emit = ops.equal(step % tau, tau - 1)
-        grad = mean(acc, cycle, tau, **core)
+        grad = self._clipped_mean(mean(acc, cycle, tau, **core))
         self._apply_rule(grad, variable, index, cycle, lr, core, emit)
         self.assign(slots["acc"], ops.where(emit, ops.zeros_like(acc), acc))
 
@@ -248,6 +354,28 @@ class FloraOptimizer(keras.optimizers.Optimizer):
             }
         )
         return config
+
+
+def _prefix(variable: Any) -> str:
+    return str(getattr(variable, "path", variable.name)).replace("/", "_")
+
+
+def _decompressed_sq_norm(
+    acc: Any, cycle: Any, *, plan: policy.CompressionPlan, xp: Any, device: Any
+) -> Any:
+    """``‖decompress(acc, A_cycle)‖²`` without decompressing.
+
+    NOTE [norm in r x r space]: with ``A`` the ``r x d`` projection, ``‖C A‖² =
+    tr(C A Aᵀ Cᵀ) = sum(C ⊙ (C (A Aᵀ)))`` (axis 1) and ``‖Aᵀ C‖² = sum(C ⊙
+    ((A Aᵀ) C))`` (axis 0): one ``r x d x r`` product instead of a ``k x r x d``
+    decompression, and no full-size temporary.
+    """
+    a = projection(plan, cycle, policy.ROLE_ACCUMULATION, xp=xp, device=device)
+    if a is None:
+        return xp.sum(acc * acc)
+    gram = xp.matmul(a, xp.matrix_transpose(a))
+    moved = xp.matmul(acc, gram) if plan.axis == 1 else xp.matmul(gram, acc)
+    return xp.sum(acc * moved)
 
 
 @functools.cache

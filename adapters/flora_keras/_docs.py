@@ -35,15 +35,20 @@ FLORA_ARGS = """rank: `"auto"` (default), `None` or an int `r >= 1`. Which weigh
             gradient, compressed with the projection of the current cycle, to a
             compressed `acc` slot, and every `accumulation_steps`-th call applies
             one update with the decompressed mean and resets `acc`; the weights
-            do not change in between. `optimizer.iterations` counts calls
-            (micro-batches); updates applied = `iterations // accumulation_steps`.
-            Use this instead of Keras' `gradient_accumulation_steps`, which
-            allocates full-size accumulators and is rejected here."""
+            do not change in between. As with Keras' own
+            `gradient_accumulation_steps`: `optimizer.iterations` counts the
+            updates applied (`optimizer._iterations` the calls, which learning-rate
+            schedules read), weights marked `overwrite_with_gradient` keep the
+            cycle's element-wise maximum, written on the applied step, and
+            `clipnorm`, `clipvalue` and `global_clipnorm` clip the accumulated mean
+            (the gradient the update uses), not each micro-batch. Use this instead
+            of `gradient_accumulation_steps`, which allocates full-size accumulators
+            and is rejected here."""
 
 BASE_NOTE = """Other keyword arguments are those of `keras.optimizers.Optimizer`
             (`name`, `clipnorm`, `clipvalue`, `global_clipnorm`, `use_ema`,
             `ema_momentum`, `ema_overwrite_frequency`, `loss_scale_factor`). With
-            `accumulation_steps`, clipping applies to each micro-batch gradient."""
+            `accumulation_steps`, clipping applies to the accumulated mean."""
 
 
 def interpolate(cls: type[Optimizer]) -> type[Optimizer]:

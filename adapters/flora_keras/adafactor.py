@@ -8,10 +8,8 @@ from typing import Any
 import keras
 
 from flora_core import rules
-from flora_core.validation import check_positive_int
 from flora_keras import _docs
 from flora_keras._base import FloraOptimizer
-from flora_keras.adam import check_bool
 
 
 @keras.saving.register_keras_serializable(package="flora_keras")
@@ -113,11 +111,6 @@ class FloraAdafactor(FloraOptimizer):
                 "FloraAdafactor takes weight_decay_rate (optax.adafactor's decoupled "
                 "decay, not scaled by the learning rate), not weight_decay"
             )
-        check_bool("factored", factored)
-        check_bool("multiply_by_parameter_scale", multiply_by_parameter_scale)
-        check_positive_int("min_dim_size_to_factor", min_dim_size_to_factor)
-        if isinstance(decay_offset, bool) or not isinstance(decay_offset, int):
-            raise TypeError(f"Invalid decay_offset: {decay_offset!r} (expected an int)")
         config = rules.AdafactorConfig(
             momentum=momentum,
             decay_rate=decay_rate,

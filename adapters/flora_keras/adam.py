@@ -13,12 +13,6 @@ from flora_keras import _docs
 from flora_keras._base import FloraOptimizer
 
 
-def check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"Invalid {name}: {value!r} (expected True or False)")
-    return value
-
-
 @keras.saving.register_keras_serializable(package="flora_keras")
 @_docs.interpolate
 class FloraAdam(FloraOptimizer):
@@ -32,7 +26,7 @@ class FloraAdam(FloraOptimizer):
         m = decompress(M, A_i)                  # the full-size direction
         g_hat = decompress(compress(g, A_i), A_i)   # second_moment="projected"
         v <- beta_2 * v + (1 - beta_2) * g_hat**2   # full, or factored rows x cols
-        w <- w - lr * (m / (1 - beta_1**t) / (sqrt(v / (1 - beta_2**t)) + eps)
+        w <- w - lr * (sqrt(1 - beta_2**t) / (1 - beta_1**t) * m / (sqrt(v) + epsilon)
                        + weight_decay * w)
 
     and at every `t = kappa, 2 kappa, ...` the momentum is transferred from
@@ -46,16 +40,21 @@ class FloraAdam(FloraOptimizer):
     where a gradient element is small); this class only holds it in Keras
     variables.
 
-    Unlike `keras.optimizers.Adam`, epsilon is added to the bias-corrected
-    `sqrt(v_hat)` (as in torch and optax); Keras adds it to `sqrt(v)` before the
-    correction. The two agree to ~`eps / sqrt(v_hat)`.
+    `epsilon` is Keras' ("epsilon hat" of Kingma and Ba, as in
+    `keras.optimizers.Adam` and `AdamW`): it is added to `sqrt(v)` before the bias
+    correction (the core's `AdamConfig(eps_before_bias_correction=True)`).
+    flora_torch and flora_optax take torch's and optax's eps, added after the
+    correction; the two conventions agree once `beta_2**t` is negligible
+    (`t >> 1 / (1 - beta_2)`), and differ early only where `sqrt(v_hat)` is not much
+    larger than `epsilon` (NOTE [epsilon placement] in `flora_core.rules`).
 
     Args:
         learning_rate: A float, a `keras.optimizers.schedules.LearningRateSchedule`
             or a callable with no arguments. Defaults to `0.001`.
         beta_1: float in `[0, 1)`, the decay of the (compressed) first moment.
         beta_2: float in `[0, 1)`, the decay of the second moment.
-        epsilon: float >= 0 added to `sqrt(v_hat)`. Defaults to `1e-7`.
+        epsilon: float >= 0 added to `sqrt(v)` before the bias correction (Keras'
+            convention, see above). Defaults to `1e-7`.
         {{flora_args}}
         factored: bool, default False. Keep the second moment as Adafactor row and
             column means (of the `(shape[0], prod(shape[1:]))` view).
@@ -103,7 +102,7 @@ class FloraAdam(FloraOptimizer):
         weight_decay: float | None = None,
         **kwargs: Any,
     ) -> None:
-        check_bool("factored", factored)
+        # Keras' names in the message; the config checks every field again.
         check_beta("beta_1", beta_1)
         check_beta("beta_2", beta_2)
         check_nonnegative("epsilon", epsilon)
@@ -118,6 +117,7 @@ class FloraAdam(FloraOptimizer):
             factored=factored,
             second_moment=second_moment,
             transfer=transfer,
+            eps_before_bias_correction=True,
         )
         super().__init__(
             learning_rate,

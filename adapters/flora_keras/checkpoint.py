@@ -6,9 +6,10 @@ the state between frameworks: ``export_state`` gives ``flora_core.state``'s flat
 ``param.{i}.{field}`` arrays (savable as npz or safetensors) that flora_torch and
 flora_optax read, and ``import_state`` loads such arrays into a built optimizer.
 
-Keras keeps one iteration counter per optimizer, so ``count`` and ``micro_step`` are
-exported for every weight from ``optimizer.iterations`` (``count = iterations // τ``,
-``micro_step = iterations % τ``), and an imported state must have one count.
+Keras keeps one counter of calls per optimizer (``_iterations``; ``iterations`` is
+``_iterations // τ``, the updates applied), so ``count`` and ``micro_step`` are
+exported for every weight from it (``count = _iterations // τ``, ``micro_step =
+_iterations % τ``), and an imported state must have one count.
 
 Example:
     >>> import keras, numpy as np
@@ -57,7 +58,7 @@ def _tau(optimizer: FloraOptimizer) -> int:
 def export_state(optimizer: Any) -> dict[str, np.ndarray]:
     """The flat portable state of a built Flora optimizer (numpy arrays)."""
     opt = _flora(optimizer)
-    step, tau = int(ops.convert_to_numpy(opt.iterations)), _tau(opt)
+    step, tau = int(ops.convert_to_numpy(opt._iterations)), _tau(opt)
     plans, states = [], []
     for plan, slots in zip(opt._plans, opt._slots, strict=True):
         if slots is None:  # a weight Keras overwrites with its gradient
@@ -110,7 +111,9 @@ def import_state(optimizer: Any, flat: Mapping[str, Any]) -> None:
         for name, variable in slots.items():
             value = fields.get(name)
             variable.assign(np.zeros(variable.shape) if value is None else value)
-    opt.iterations.assign(counts.pop() * tau + micro_step)
+    for accumulator in opt._overwrite_slots.values():  # the cycle restarts for them
+        accumulator.assign(np.zeros(accumulator.shape))
+    opt._iterations.assign(counts.pop() * tau + micro_step)
 
 
 _IGNORABLE = ("count", "micro_step", "acc")

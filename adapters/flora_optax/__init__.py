@@ -14,6 +14,15 @@ with the same numbers as ``flora_torch`` and ``flora_keras``.
 Stream ids follow ``jax.tree_util`` flatten order of the params (``param_indices``
 overrides them); see :func:`flora_adam`.
 
+``optax.tree.map_params`` works on every Flora state (its pytree structure does not
+depend on the params). ``f`` sees each per-parameter field: ``mu`` and ``acc`` of a
+compressed leaf have shape ``(n, r)`` or ``(r, m)``, factored ``nu_row`` /
+``nu_col`` one axis, and a field a leaf does not use holds None. To map the params'
+shardings, pass the params along and ``is_leaf=lambda x: x is None``, e.g.
+``f = lambda leaf, p, s: None if leaf is None else (s if leaf.shape == p.shape else
+replicated)``. A mapped state trains as the original; it carries no plans until its
+next update, so export it with the params: ``export_state(state, params)``.
+
 Example:
     >>> import jax, jax.numpy as jnp, optax, flora_optax
     >>> params = {"w": jnp.ones((128, 64)), "b": jnp.zeros(64)}

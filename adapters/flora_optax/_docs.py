@@ -44,15 +44,53 @@ Stream ids: leaf ``i`` of the params in ``jax.tree_util`` flatten order (the ord
     Under ``optax.masked`` and ``optax.multi_transform`` a leaf keeps its position in
     the full tree. ``param_indices`` overrides the positions.""",
     "static_note": """\
-Hyper-parameters other than the learning rate shape the state or the projections
-    and are fixed when the state is initialised; under ``optax.inject_hyperparams``
-    only ``learning_rate`` follows the injected value (a schedule, or a value set in
-    ``state.hyperparams``). The state records its plans and settings statically
-    (``state.spec``), so a jitted step never recompiles.""",
+The state records its settings statically (``state.spec``, compared by value) and
+    its pytree structure does not depend on the params: a jitted step never
+    recompiles, and ``optax.tree.map_params`` works (see the ``flora_optax`` module).""",
     "references": """\
 Hao, Cao, Mou. "Flora: Low-Rank Adapters Are Secretly Gradient Compressors",
         ICML 2024 (https://arxiv.org/abs/2402.03293).""",
 }
+
+
+_RECORDED = """\
+the state records the value init saw, and a jitted update uses
+    that record (a change injected later is followed only by an eager update). So
+    when init runs under ``jax.jit``, list them in ``static_args``; the jitted update
+    raises, naming them, otherwise (NOTE [injected hyper-parameters])."""
+
+FRAGMENTS["inject_adam"] = (
+    """\
+Under ``optax.inject_hyperparams`` any numeric argument may be injected, and
+    ``jax.jit(tx.init)`` needs static (``static_args``) only what fixes the state's
+    shapes: an int ``rank`` and ``axis``. Injected ``learning_rate``, ``eps`` and
+    ``kappa`` are followed by every update, jitted or not. ``seed`` (a uint64 RNG
+    key, which a JAX int32 cannot hold), ``b1``, ``b2`` and ``weight_decay``
+    (flora_core's bias corrections take ``log(b1)`` and ``log(b2)``) are needed as
+    Python values: """
+    + _RECORDED
+)
+
+FRAGMENTS["inject_adafactor"] = (
+    """\
+Under ``optax.inject_hyperparams`` any numeric argument may be injected, and
+    ``jax.jit(tx.init)`` needs static (``static_args``) only what fixes the state's
+    shapes: an int ``rank``, ``axis`` and ``min_dim_size_to_factor`` (as for
+    ``optax.adafactor``). The other injected values are followed by every update,
+    jitted or not, except ``seed`` (a uint64 RNG key, which a JAX int32 cannot
+    hold), which is needed as a Python value: """
+    + _RECORDED
+)
+
+FRAGMENTS["inject_momentum"] = (
+    """\
+Under ``optax.inject_hyperparams`` any numeric argument may be injected, and
+    ``jax.jit(tx.init)`` needs static (``static_args``) only an int ``rank`` and
+    ``axis`` (they fix the state's shapes). Injected ``b1`` and ``kappa`` are
+    followed by every update, jitted or not. ``seed`` (a uint64 RNG key, which a JAX
+    int32 cannot hold) is needed as a Python value: """
+    + _RECORDED
+)
 
 
 def fill(fn: F) -> F:

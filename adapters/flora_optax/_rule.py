@@ -8,7 +8,6 @@ parameter's dtype (state stays float32).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -33,7 +32,8 @@ class FloraAdamState(NamedTuple):
             full one where the leaf is not compressed.
         nu: per leaf, the second moment (None where factored).
         nu_row, nu_col: per leaf, the factored second moment (None where not).
-        spec: static (no leaves): the plans and hyper-parameters.
+        spec: static (no leaves): the settings, and the plans derived from them
+            (NOTE [static spec] in ``flora_optax._common``).
     """
 
     count: jax.Array
@@ -52,7 +52,8 @@ class FloraAdafactorState(NamedTuple):
         mu: per leaf, the compressed momentum (None when ``momentum=None``).
         nu: per leaf, the unfactored second moment (None where factored).
         nu_row, nu_col: per leaf, the factored second moment (None where not).
-        spec: static (no leaves): the plans and hyper-parameters.
+        spec: static (no leaves): the settings, and the plans derived from them
+            (NOTE [static spec] in ``flora_optax._common``).
     """
 
     count: jax.Array
@@ -74,18 +75,23 @@ class Rule:
     config_cls: type
     undecayed: Callable[[Any], Any]
     needs_param: Callable[[Any], bool]
+    # Hyper-parameters flora_core's math takes as (traced) arrays; the others are
+    # recorded in the state (NOTE [injected hyper-parameters] in _common).
+    traceable: frozenset[str]
 
 
 ADAM = Rule(
     "flora_adam", FloraAdamState, rules.flora_adam_init, rules.flora_adam,
-    rules.AdamConfig, lambda c: dataclasses.replace(c, weight_decay=0.0),
-    lambda c: bool(c.weight_decay),
+    rules.AdamConfig, lambda c: _common.replaced(c, weight_decay=0.0),
+    lambda c: bool(c.weight_decay), frozenset({"eps", "kappa"}),
 )  # fmt: skip
 ADAFACTOR = Rule(
     "flora_adafactor", FloraAdafactorState, rules.flora_adafactor_init,
     rules.flora_adafactor, rules.AdafactorConfig,
-    lambda c: dataclasses.replace(c, weight_decay_rate=None),
+    lambda c: _common.replaced(c, weight_decay_rate=None),
     lambda c: c.multiply_by_parameter_scale or c.weight_decay_rate is not None,
+    frozenset({"momentum", "decay_rate", "decay_offset", "clipping_threshold",
+               "weight_decay_rate", "eps", "kappa"}),
 )  # fmt: skip
 
 
@@ -100,7 +106,8 @@ def transformation(
     known = _common.known_hyperparameters(rule.config_cls, **hyper)
 
     def init_fn(params: optax.Params) -> Any:
-        _common.require_static(rule.name, known, hyper, structure)
+        _common.require_static(rule.name, hyper, structure)
+        # Traced hyper-parameters take valid defaults here: only shapes matter.
         config = rule.config_cls(**known)
         plans, treedef = structure.plans(params)
         fields: dict[str, list[Any]] = {f: [] for f in FIELDS}
@@ -112,10 +119,11 @@ def transformation(
                 state = _common.core_init(rule.init, plan, config, leaf)
             for f in FIELDS:
                 fields[f].append(state.get(f))
+        extra = _common.recorded_hyperparameters(hyper, rule.traceable)
         return rule.state_cls(
             count=jnp.zeros([], jnp.int32),
             **{f: treedef.unflatten(v) for f, v in fields.items()},
-            spec=FloraSpec(plans, config, treedef),
+            spec=structure.spec(plans, treedef, extra),
         )
 
     def update_fn(
@@ -123,9 +131,11 @@ def transformation(
         **extra_args: Any,
     ) -> tuple[optax.Updates, Any]:  # fmt: skip
         del extra_args
-        plans, treedef = _common.checked_plans(state.spec, structure, updates)
-        config = _common.config_for(
-            rule.config_cls, known, state.spec.config, len(hyper)
+        plans, treedef = _common.update_plans(
+            state.spec, structure, updates, rule.name, hyper, rule.traceable
+        )
+        config = _common.step_config(
+            rule.name, rule.config_cls, hyper, rule.traceable, state.spec
         )
         undecayed = rule.undecayed(config)
         n = len(plans)
@@ -162,7 +172,7 @@ def transformation(
         return treedef.unflatten(out), rule.state_cls(
             count=state.count + 1,
             **{f: treedef.unflatten(v) for f, v in new.items()},
-            spec=state.spec,
+            spec=_common.FloraSpec(state.spec.settings, plans, treedef),
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -26,7 +26,8 @@ class FloraMultiStepsState(NamedTuple):
         inner_state: the wrapped optimizer's state.
         acc: per leaf, the compressed sum of this cycle's gradients (full-size where
             the leaf is not compressed).
-        spec: static (no leaves): the plans.
+        spec: static (no leaves): the settings, and the plans derived from them
+            (NOTE [static spec] in ``flora_optax._common``).
     """
 
     micro_step: jax.Array
@@ -57,6 +58,14 @@ def flora_multi_steps(
     ``decompress(acc, A_c) / k`` and ``acc`` resets. Nothing full-size survives
     between micro-batches. The inner optimizer runs (under ``lax.cond``) only on
     emitting steps; nothing branches in Python on traced values.
+
+    Gradient clipping: to clip what the update uses, the accumulated mean, put the
+    clip inside, ``flora_multi_steps(optax.chain(optax.clip_by_global_norm(c),
+    flora_adam(...)), k)``: the inner transformation sees the decompressed mean, as
+    in ``optax.MultiSteps``. Chained before (``optax.chain(
+    optax.clip_by_global_norm(c), flora_multi_steps(...))``) it clips each
+    micro-batch gradient before compression, and the mean the update uses is not
+    clipped: decompressing a rank-``r`` projection can make its norm exceed ``c``.
 
     {streams}
 
@@ -101,6 +110,7 @@ def flora_multi_steps(
         return every_k_schedule
 
     def init_fn(params: optax.Params) -> FloraMultiStepsState:
+        _common.require_static("flora_multi_steps", {}, structure)
         plans, treedef = structure.plans(params)
         acc = _common.compressed_zeros(
             "acc", accumulation.accumulator_shape, params, plans, treedef
@@ -110,14 +120,16 @@ def flora_multi_steps(
             count=jnp.zeros([], jnp.int32),
             inner_state=inner.init(params),
             acc=acc,
-            spec=FloraSpec(plans, None, treedef),
+            spec=structure.spec(plans, treedef),
         )
 
     def update_fn(
         updates: optax.Updates, state: FloraMultiStepsState,
         params: optax.Params | None = None, **extra_args: Any,
     ) -> tuple[optax.Updates, FloraMultiStepsState]:  # fmt: skip
-        plans, treedef = _common.checked_plans(state.spec, structure, updates)
+        plans, treedef = _common.update_plans(
+            state.spec, structure, updates, "flora_multi_steps"
+        )
         grads = treedef.flatten_up_to(updates)
         cycle, k = state.count, every_k(state.count)
         acc = []
@@ -163,7 +175,7 @@ def flora_multi_steps(
             count=(state.count + emit).astype(jnp.int32),
             inner_state=inner_state,
             acc=treedef.unflatten(acc),
-            spec=state.spec,
+            spec=FloraSpec(state.spec.settings, plans, treedef),
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

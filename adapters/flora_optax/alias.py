@@ -48,6 +48,8 @@ def flora_adam(
 
     {static_note}
 
+    {inject_adam}
+
     Args:
         learning_rate: a float, a scalar array or a schedule ``count -> lr``.
         b1: decay of the (compressed) first moment.
@@ -131,6 +133,8 @@ def flora_adafactor(
     {streams}
 
     {static_note}
+
+    {inject_adafactor}
 
     Args:
         learning_rate: a float, a scalar array, a schedule ``count -> lr``, or None

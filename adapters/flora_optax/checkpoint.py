@@ -30,6 +30,7 @@ import numpy as np
 
 from flora_core import policy
 from flora_core import state as portable
+from flora_optax import _common
 from flora_optax._rule import FIELDS, FloraAdafactorState, FloraAdamState
 from flora_optax.accumulation import FloraMultiStepsState
 from flora_optax.momentum import FloraMomentumState
@@ -60,12 +61,27 @@ def _fields(state: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     return {"count": state.count}, trees
 
 
-def _entries(opt_state: Any) -> Entries:
+def _layout(state: Any, trees: dict[str, Any], params: Any) -> tuple[Any, Any]:
+    """``(plans, treedef)`` of one Flora state: the ones its spec carries, else
+    re-derived from its settings and ``params`` (NOTE [static spec])."""
+    spec = state.spec
+    if spec.plans is not None or params is None:
+        return spec.known_plans(), spec.treedef
+    leaves, treedef = _common.flatten(params)
+    markers = treedef.flatten_up_to(next(iter(trees.values())))
+    shapes = treedef.unflatten(
+        [m if _common.is_masked(m) else p for m, p in zip(markers, leaves, strict=True)]
+    )
+    return spec.structure().plans(shapes)
+
+
+def _entries(opt_state: Any, params: Any = None) -> Entries:
     entries: Entries = {}
     for state in _walk(opt_state):
         scalars, trees = _fields(state)
-        leaves = {f: state.spec.treedef.flatten_up_to(t) for f, t in trees.items()}
-        for i, plan in enumerate(state.spec.plans):
+        state_plans, treedef = _layout(state, trees, params)
+        leaves = {f: treedef.flatten_up_to(t) for f, t in trees.items()}
+        for i, plan in enumerate(state_plans):
             if plan is None:
                 continue
             values = dict(scalars)
@@ -84,57 +100,63 @@ def _entries(opt_state: Any) -> Entries:
     return entries
 
 
-def plans(opt_state: Any) -> list[policy.CompressionPlan]:
+def plans(opt_state: Any, params: Any = None) -> list[policy.CompressionPlan]:
     """The plans (seed, stream, rank, axis, distribution per parameter) of every
-    Flora state inside ``opt_state``, by ``param_index``."""
-    entries = _entries(opt_state)
+    Flora state inside ``opt_state``, by ``param_index``. ``params`` is needed only
+    for a state whose spec carries no plans (one made by ``optax.tree.map_params``,
+    before its next update)."""
+    entries = _entries(opt_state, params)
     return [entries[i][0] for i in sorted(entries)]
 
 
-def export_state(opt_state: Any) -> dict[str, np.ndarray]:
-    """The portable flat form of the Flora states inside ``opt_state`` (see module)."""
-    entries = _entries(opt_state)
+def export_state(opt_state: Any, params: Any = None) -> dict[str, np.ndarray]:
+    """The portable flat form of the Flora states inside ``opt_state`` (see module);
+    ``params`` as in :func:`plans`."""
+    entries = _entries(opt_state, params)
     if not entries:
         raise ValueError("The optimizer state holds no Flora state to export")
     ordered = [entries[i] for i in sorted(entries)]
     return portable.export_state([p for p, _ in ordered], [v for _, v in ordered])
 
 
-def import_state(flat: Mapping[str, Any], opt_state: Any) -> Any:
+def import_state(flat: Mapping[str, Any], opt_state: Any, params: Any = None) -> Any:
     """``opt_state`` (a template, e.g. ``tx.init(params)``) with its Flora states
     replaced by those of ``flat``; arrays keep the template's dtype and sharding.
+    ``params`` as in :func:`plans`.
 
     Raises:
         ValueError: naming what differs (format version, number of parameters, a
             parameter's shape, rank, axis, seed or distribution, a missing field).
     """
-    ordered = plans(opt_state)
+    ordered = plans(opt_state, params)
     loaded = portable.import_state(flat, ordered)
     by_index = {p.param_index: s for p, s in zip(ordered, loaded, strict=True)}
-    return _restore(opt_state, by_index)
+    return _restore(opt_state, by_index, params)
 
 
-def _restore(tree: Any, by_index: dict[int, dict[str, np.ndarray]]) -> Any:
+def _restore(tree: Any, by_index: dict[int, dict[str, np.ndarray]],
+             params: Any) -> Any:  # fmt: skip
     def restore(node: Any) -> Any:
         if not _is_flora(node):
             return node
         scalars, trees = _fields(node)
-        indices = [p.param_index for p in node.spec.plans if p is not None]
+        plans, treedef = _layout(node, trees, params)
+        indices = [p.param_index for p in plans if p is not None]
         changes = {
             name: _scalar(name, value, [by_index[i] for i in indices])
             for name, value in scalars.items()
         }
         for name, template in trees.items():
-            slots = node.spec.treedef.flatten_up_to(template)
-            changes[name] = node.spec.treedef.unflatten(
+            slots = treedef.flatten_up_to(template)
+            changes[name] = treedef.unflatten(
                 [
                     slot if plan is None or slot is None
                     else _array(name, plan, slot, by_index[plan.param_index])
-                    for plan, slot in zip(node.spec.plans, slots, strict=True)
+                    for plan, slot in zip(plans, slots, strict=True)
                 ]
             )  # fmt: skip
         if isinstance(node, FloraMultiStepsState):
-            changes["inner_state"] = _restore(node.inner_state, by_index)
+            changes["inner_state"] = _restore(node.inner_state, by_index, params)
         return node._replace(**changes)
 
     return jax.tree.map(restore, tree, is_leaf=_is_flora)

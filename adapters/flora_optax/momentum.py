@@ -31,13 +31,18 @@ class MomentumConfig:
         check_transfer(self.transfer)
 
 
+# flora_core's EMA takes b1 and kappa as arrays (NOTE [injected hyper-parameters]).
+TRACEABLE = frozenset({"b1", "kappa"})
+
+
 class FloraMomentumState(NamedTuple):
     """State of :func:`scale_by_flora_momentum`.
 
     Attributes:
         count: int32 scalar, updates seen so far.
         mu: per leaf, the compressed moment (or the full one where not compressed).
-        spec: static (no leaves): the plans and hyper-parameters.
+        spec: static (no leaves): the settings, and the plans derived from them
+            (NOTE [static spec] in ``flora_optax._common``).
     """
 
     count: jax.Array
@@ -73,6 +78,8 @@ def scale_by_flora_momentum(
 
     {static_note}
 
+    {inject_momentum}
+
     Args:
         b1: decay of the moving average.
         {flora_args}
@@ -97,19 +104,20 @@ def scale_by_flora_momentum(
         {references}
     """
     hyper = dict(b1=b1, kappa=kappa, transfer=transfer)
-    known = _common.known_hyperparameters(MomentumConfig, **hyper)
+    _common.known_hyperparameters(MomentumConfig, **hyper)
     structure = _common.Structure.checked(rank, seed, projection, axis, param_indices)
 
     def init_fn(params: optax.Params) -> FloraMomentumState:
-        _common.require_static("scale_by_flora_momentum", known, hyper, structure)
+        _common.require_static("scale_by_flora_momentum", hyper, structure)
         plans, treedef = structure.plans(params)
         mu = _common.compressed_zeros(
             "mu", rules.momentum_shape, params, plans, treedef
         )
+        extra = _common.recorded_hyperparameters(hyper, TRACEABLE)
         return FloraMomentumState(
             count=jnp.zeros([], jnp.int32),
             mu=mu,
-            spec=FloraSpec(plans, MomentumConfig(**known), treedef),
+            spec=structure.spec(plans, treedef, extra),
         )
 
     def update_fn(
@@ -117,9 +125,11 @@ def scale_by_flora_momentum(
         params: optax.Params | None = None, **extra_args: Any,
     ) -> tuple[optax.Updates, FloraMomentumState]:  # fmt: skip
         del params, extra_args
-        plans, treedef = _common.checked_plans(state.spec, structure, updates)
-        config = _common.config_for(
-            MomentumConfig, known, state.spec.config, len(hyper)
+        plans, treedef = _common.update_plans(
+            state.spec, structure, updates, "scale_by_flora_momentum", hyper, TRACEABLE
+        )
+        config = _common.step_config(
+            "scale_by_flora_momentum", MomentumConfig, hyper, TRACEABLE, state.spec
         )
         out, mu = [], []
         leaves = treedef.flatten_up_to(updates)
@@ -140,7 +150,9 @@ def scale_by_flora_momentum(
             out.append(jnp.reshape(direction, plan.shape).astype(grad.dtype))
             mu.append(moment)
         new_state = FloraMomentumState(
-            state.count + 1, treedef.unflatten(mu), state.spec
+            state.count + 1,
+            treedef.unflatten(mu),
+            _common.FloraSpec(state.spec.settings, plans, treedef),
         )
         return treedef.unflatten(out), new_state
 

@@ -24,7 +24,12 @@ from typing import Any
 import torch
 
 from flora_core import accumulation, momentum, policy
-from flora_core.validation import check_gradient, check_lr, check_positive_int
+from flora_core.validation import (
+    check_flag,
+    check_gradient,
+    check_lr,
+    check_positive_int,
+)
 from flora_torch import distributed
 from flora_torch._checkpoint import XP, CheckpointMixin, metadata
 from flora_torch._clipping import ClippingMixin
@@ -33,12 +38,6 @@ from flora_torch._params import check_group_keys, split_names
 
 PLAN_KEYS = ("rank", "seed", "axis", "projection")
 LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def check_flag(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"Invalid {name}: {value!r} (expected True or False)")
-    return value
 
 
 def check_group_lr(lr: object) -> None:

@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from flora_core import rules
-from flora_core.validation import check_nonnegative, check_positive_int
 from flora_torch._docs import interpolate
-from flora_torch._optimizer import FloraOptimizer, check_flag
+from flora_torch._optimizer import FloraOptimizer
 
 
 @interpolate
@@ -123,29 +122,17 @@ class FloraAdafactor(FloraOptimizer):
         )  # fmt: skip
 
     def _config(self, group: dict[str, Any]) -> rules.AdafactorConfig:
-        offset = group["decay_offset"]
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-            raise ValueError(f"Invalid decay_offset: {offset!r} (expected an int >= 0)")
-        threshold = group["clipping_threshold"]
-        if threshold is not None:
-            check_nonnegative("clipping_threshold", threshold)
         return rules.AdafactorConfig(
             momentum=group["momentum"],
             decay_rate=group["decay_rate"],
-            decay_offset=offset,
-            min_dim_size_to_factor=check_positive_int(
-                "min_dim_size_to_factor", group["min_dim_size_to_factor"]
-            ),
-            clipping_threshold=threshold,
-            multiply_by_parameter_scale=check_flag(
-                "multiply_by_parameter_scale", group["multiply_by_parameter_scale"]
-            ),
+            decay_offset=group["decay_offset"],
+            min_dim_size_to_factor=group["min_dim_size_to_factor"],
+            clipping_threshold=group["clipping_threshold"],
+            multiply_by_parameter_scale=group["multiply_by_parameter_scale"],
             weight_decay_rate=group["weight_decay_rate"],
             eps=group["eps"],
-            factored=check_flag("factored", group["factored"]),
+            factored=group["factored"],
             kappa=group["kappa"],
             transfer=group["transfer"],
-            clip_after_momentum=check_flag(
-                "clip_after_momentum", group["clip_after_momentum"]
-            ),
+            clip_after_momentum=group["clip_after_momentum"],
         )

@@ -7,7 +7,7 @@ from typing import Any
 from flora_core import rules
 from flora_core.validation import check_beta
 from flora_torch._docs import interpolate
-from flora_torch._optimizer import FloraOptimizer, check_flag
+from flora_torch._optimizer import FloraOptimizer
 
 
 @interpolate
@@ -112,7 +112,7 @@ class FloraAdam(FloraOptimizer):
             eps=group["eps"],
             weight_decay=group["weight_decay"],
             kappa=group["kappa"],
-            factored=check_flag("factored", group["factored"]),
+            factored=group["factored"],
             second_moment=group["second_moment"],
             transfer=group["transfer"],
         )

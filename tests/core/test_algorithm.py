@@ -165,3 +165,49 @@ def test_clip_after_momentum_bounds_the_update(d_over_r):
     assert ratios[True] <= 1.0 + 1e-5, ratios
     if d_over_r == 32:  # the compressed momentum of iid gradients: 1.39 here
         assert ratios[False] > 1.2, ratios
+
+
+def _keras_adamw(grads, param, *, lr, b1, b2, eps, weight_decay):
+    """Keras' AdamW (``keras/src/optimizers/adamw.py`` via ``adam.py``), in float64:
+    decay first, then ``alpha = lr sqrt(1-b2^t) / (1-b1^t)``,
+    ``var -= alpha m / (sqrt(v) + eps)``."""
+    var = param.astype(np.float64)
+    m, v = np.zeros_like(var), np.zeros_like(var)
+    params = []
+    for t, g in enumerate(grads, start=1):
+        var = var - var * weight_decay * lr
+        m += (g - m) * (1 - b1)
+        v += (g * g - v) * (1 - b2)
+        alpha = lr * np.sqrt(1 - b2**t) / (1 - b1**t)
+        var = var - alpha * m / (np.sqrt(v) + eps)
+        params.append(var)
+    return params
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["int-count", "array-count"])
+def test_eps_before_bias_correction_is_keras_adamw(traced):
+    """NOTE [epsilon placement]: with a large eps (where the placement matters) the
+    option reproduces Keras' AdamW on an uncompressed parameter, and the default
+    does not."""
+    rng = np.random.default_rng(7)
+    grads = [rng.standard_normal(6).astype(np.float32) * 0.05 for _ in range(8)]
+    param = rng.standard_normal(6).astype(np.float32)
+    hyper = {"b1": 0.9, "b2": 0.99, "eps": 0.1, "weight_decay": 0.1}
+    expected = _keras_adamw(grads, param, lr=0.01, **hyper)
+    plan = policy.plan(param.shape, 0)
+    assert not plan.compressed
+    params = {}
+    for option in (True, False):
+        config = rules.AdamConfig(**hyper, eps_before_bias_correction=option)
+        state = rules.flora_adam_init(plan, config, xp=xp)
+        if not traced:
+            state["count"] = 0
+        p, params[option] = param, []
+        for g in grads:
+            step, state = rules.flora_adam(
+                g, state, p, plan=plan, config=config, lr=0.01
+            )
+            p = p + step
+            params[option].append(p)
+    np.testing.assert_allclose(params[True], expected, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(params[False], expected, rtol=1e-4, atol=1e-5)

@@ -32,6 +32,11 @@ def test_bad_adam_hyperparameters(field, value):
         rules.AdamConfig(**{field: value})
 
 
+def test_bad_eps_before_bias_correction():
+    with pytest.raises(TypeError, match="eps_before_bias_correction: 'yes'"):
+        rules.AdamConfig(eps_before_bias_correction="yes")
+
+
 @pytest.mark.parametrize(
     "field,value",
     [("kappa", 0), ("momentum", 1.0), ("eps", -1.0), ("clipping_threshold", 0.0)],

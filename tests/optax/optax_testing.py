@@ -8,6 +8,10 @@ conditioning instead of plumbing.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import re
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -82,3 +86,23 @@ def assert_trees_equal(got: Any, want: Any) -> None:
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert g.dtype == w.dtype
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+@contextlib.contextmanager
+def log_compilations() -> Iterator[list[str]]:
+    """The XLA compilations that happen inside the block (``jax.log_compiles``)."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            message = record.getMessage()
+            if re.search(r"Finished .* compilation", message):
+                messages.append(message)
+
+    handler, logger = Collect(), logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+        with jax.log_compiles():
+            yield messages
+    finally:
+        logger.removeHandler(handler)

@@ -94,3 +94,50 @@ def test_bad_schedules() -> None:
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises((TypeError, ValueError), match="every_k_schedule"):
             flora_optax.flora_multi_steps(optax.sgd(0.1), bad)
+
+
+def _clip_case() -> tuple[Any, list[Any]]:
+    params = make_params(shapes={"w": (48, 40), "b": (40,)})
+    grads = [jax.tree.map(lambda g: 10 * g, g) for g in make_grads(params, 2)]
+    return params, grads
+
+
+def _emitted(tx: optax.GradientTransformation, params: Any, grads: list[Any]) -> Any:
+    return train(tx, params, grads)[2][-1]
+
+
+def test_clip_inside_clips_the_mean_the_update_uses() -> None:
+    """clip_by_global_norm inside flora_multi_steps scales the decompressed mean to
+    norm c: the update is the unclipped one times c / its norm (norm > c here)."""
+    params, grads = _clip_case()
+    sgd = optax.sgd(1.0)
+    raw = _emitted(flora_optax.flora_multi_steps(sgd, 2, rank=RANK), params, grads)
+    clipped = _emitted(
+        flora_optax.flora_multi_steps(
+            optax.chain(optax.clip_by_global_norm(1.0), sgd), 2, rank=RANK
+        ),
+        params,
+        grads,
+    )
+    norm = float(optax.tree.norm(raw))
+    assert norm > 10.0
+    np.testing.assert_allclose(float(optax.tree.norm(clipped)), 1.0, rtol=1e-5)
+    expected = jax.tree.map(lambda u: u / norm, raw)
+    assert_trees_close(clipped, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_clip_outside_clips_each_micro_batch() -> None:
+    """Chained before flora_multi_steps, the clip acts on each micro-batch gradient
+    before compression (the same update as accumulating pre-clipped gradients), and
+    the mean the update uses is not bounded by c."""
+    params, grads = _clip_case()
+    clip = optax.clip_by_global_norm(1.0)
+    chained = optax.chain(
+        clip, flora_optax.flora_multi_steps(optax.sgd(1.0), 2, rank=RANK)
+    )
+    got = _emitted(chained, params, grads)
+    pre_clipped = [clip.update(g, clip.init(params))[0] for g in grads]
+    want = _emitted(flora_optax.flora_multi_steps(optax.sgd(1.0), 2, rank=RANK),
+                    params, pre_clipped)  # fmt: skip
+    assert_trees_close(got, want, rtol=1e-5, atol=1e-7)
+    assert float(optax.tree.norm(got)) > 1.0

@@ -123,7 +123,9 @@ def transformation(
         return rule.state_cls(
             count=jnp.zeros([], jnp.int32),
             **{f: treedef.unflatten(v) for f, v in fields.items()},
-            spec=structure.spec(plans, treedef, extra),
+            spec=structure.spec(
+                plans, treedef, extra, _common.carried_hyperparameters(hyper)
+            ),
         )
 
     def update_fn(
@@ -172,7 +174,9 @@ def transformation(
         return treedef.unflatten(out), rule.state_cls(
             count=state.count + 1,
             **{f: treedef.unflatten(v) for f, v in new.items()},
-            spec=_common.FloraSpec(state.spec.settings, plans, treedef),
+            spec=_common.FloraSpec(
+                state.spec.settings, plans, treedef, state.spec.hyperparameters
+            ),
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -68,6 +68,8 @@ MEANINGFUL = {
         "min_dim_size_to_factor", "clip_after_momentum",
     ),
     "momentum": ("b1", "kappa"),
+    # flora_optax.flora_multi_steps around a non-Flora optimizer: only acc, micro_step.
+    "accumulation": (),
 }  # fmt: skip
 
 
@@ -342,6 +344,11 @@ def import_state(
             f"{num_params} parameters but the optimizer has {len(plans)})"
         )
     names = header.names or (None,) * len(plans)
+    # Each host names parameters its own way (torch "0.weight", optax "['w']", Keras
+    # "dense/kernel"): names are compared between files and receivers of one host.
+    same_host = document is not None and _family(document.get("framework")) == _family(
+        header.framework
+    )
     file_params = (
         {} if document is None else {p["index"]: p for p in document["params"]}
     )
@@ -355,7 +362,8 @@ def import_state(
         _check_metadata(flat, prefix, plan)
         if plan.param_index in file_params:
             saved = file_params[plan.param_index]
-            _check_name(saved.get("name"), name, plan)
+            if same_host:
+                _check_name(saved.get("name"), name, plan)
             _check_meaning(saved, mine, plan)
         fields = {
             key: np.asarray(flat[prefix + key])
@@ -407,10 +415,25 @@ def _check_meaning(
         )
     stored = saved.get("hyperparameters", {})
     for key in MEANINGFUL[kind]:
-        if key in config and stored.get(key, config[key]) != config[key]:
+        if key in config and not _same(stored.get(key, config[key]), config[key]):
             raise ValueError(
                 f"{where} {key}: file {stored.get(key)!r}, optimizer {config[key]!r}"
             )
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal hyper-parameters; floats at float32 precision (optax records them so, as
+    ``inject_hyperparams`` hands them; torch and Keras keep Python floats)."""
+    if any(isinstance(v, float) for v in (a, b)) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in (a, b)
+    ):
+        return bool(np.float32(a) == np.float32(b))
+    return bool(a == b)
+
+
+def _family(framework: Any) -> str:
+    """The host of a ``framework`` ("keras-jax" and "keras-torch" are both Keras)."""
+    return str(framework or "").split("-", 1)[0]
 
 
 def _check_tau(fields: Mapping[str, np.ndarray], tau: int, where: str) -> None:

@@ -14,8 +14,10 @@ Classes:
     FloraAdafactor   ``optax.adafactor(momentum=...)`` with a compressed momentum.
 
 Functions:
-    export_state / import_state   the portable flora_core state of a built
-                                  optimizer (moves between frameworks).
+    export_state / import_state   the portable flora_core state (format 2) of a
+                                  built optimizer, in memory or in a file (moves
+                                  between frameworks).
+    state_header                  what gives that state its meaning.
 """
 
 import os
@@ -41,6 +43,12 @@ except ModuleNotFoundError as error:
 
 from flora_keras.adafactor import FloraAdafactor
 from flora_keras.adam import FloraAdam
-from flora_keras.checkpoint import export_state, import_state
+from flora_keras.checkpoint import export_state, import_state, state_header
 
-__all__ = ["FloraAdafactor", "FloraAdam", "export_state", "import_state"]
+__all__ = [
+    "FloraAdafactor",
+    "FloraAdam",
+    "export_state",
+    "import_state",
+    "state_header",
+]

@@ -9,7 +9,8 @@ with the same numbers as ``flora_torch`` and ``flora_keras``.
     flora_adam               AdamW with a compressed first moment
     flora_adafactor          optax.adafactor(momentum=...) with a compressed momentum
     flora_multi_steps        optax.MultiSteps with a compressed accumulator (Alg. 1)
-    export_state / import_state / plans   the portable state schema (DESIGN §5)
+    export_state / import_state / plans / state_header   the portable state,
+                             format 2, in memory or in a file (docs/spec.md §5)
 
 Stream ids follow ``jax.tree_util`` flatten order of the params (``param_indices``
 overrides them); see :func:`flora_adam`.
@@ -36,7 +37,7 @@ from flora_optax._common import FloraSpec
 from flora_optax._rule import FloraAdafactorState, FloraAdamState
 from flora_optax.accumulation import FloraMultiStepsState, flora_multi_steps
 from flora_optax.alias import flora_adafactor, flora_adam
-from flora_optax.checkpoint import export_state, import_state, plans
+from flora_optax.checkpoint import export_state, import_state, plans, state_header
 from flora_optax.momentum import (
     FloraMomentumState,
     MomentumConfig,
@@ -57,4 +58,5 @@ __all__ = [
     "import_state",
     "plans",
     "scale_by_flora_momentum",
+    "state_header",
 ]

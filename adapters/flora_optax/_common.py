@@ -67,11 +67,17 @@ class FloraSpec:
             seed at init). Carried, not compared (NOTE [static spec]).
         treedef: the params' structure (``MaskedNode`` counted as a leaf), or None
             with the plans. Carried, not compared.
+        hyperparameters: ``((name, value), ...)``: every hyper-parameter as init
+            saw it (``INJECTED`` where traced; flora_multi_steps: its
+            ``every_k_schedule``), for the portable header. Carried, not compared:
+            a state initialised with traced values has the structure of one
+            initialised with concrete ones, as optax's contract asks.
     """
 
     settings: tuple[tuple[str, Any], ...]
     plans: Plans | None = None
     treedef: Any = None
+    hyperparameters: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         # jit hashes the static parts of its arguments on every call: hash once.
@@ -160,7 +166,8 @@ def known_hyperparameters(config_cls: type, **hyper: Any) -> dict[str, Any]:
 # and branches on ``weight_decay``. For those the state records the value init saw
 # (``FloraSpec.settings``), and a traced value at update falls back to it; when init
 # saw it traced too (init under jit), update raises naming it: list it in
-# ``static_args``.
+# ``static_args``. The spec also carries every hyper-parameter as init saw it
+# (``FloraSpec.hyperparameters``, not compared), for the portable state's header.
 
 SHAPE_ARGS = ("rank", "axis", "min_dim_size_to_factor")
 
@@ -178,6 +185,12 @@ def recorded_hyperparameters(hyper: dict[str, Any], traceable: frozenset[str]
                              ) -> tuple[tuple[str, Any], ...]:  # fmt: skip
     """The settings of the hyper-parameters the core needs as Python values."""
     return tuple((k, recorded(v)) for k, v in hyper.items() if k not in traceable)
+
+
+def carried_hyperparameters(hyper: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """Every hyper-parameter as init saw it (``INJECTED`` where traced): what gives
+    the state its meaning, for the portable header (``FloraSpec.hyperparameters``)."""
+    return tuple((k, recorded(v)) for k, v in hyper.items())
 
 
 def check_recorded(name: str, spec: FloraSpec, structure: Structure,
@@ -361,12 +374,13 @@ class Structure:
         return plans, treedef
 
     def spec(self, plans: Plans, treedef: Any,
-             extra: tuple[tuple[str, Any], ...] = ()) -> FloraSpec:  # fmt: skip
+             extra: tuple[tuple[str, Any], ...] = (),
+             hyperparameters: tuple[tuple[str, Any], ...] = ()) -> FloraSpec:  # fmt: skip
         """The spec of a state initialised with these plans: carried when the seed
         is known and there are leaves (``map_params``'s placeholder has none)."""
         if self.seed is INJECTED or not plans:
-            return FloraSpec(self.settings() + extra)
-        return FloraSpec(self.settings() + extra, plans, treedef)
+            return FloraSpec(self.settings() + extra, hyperparameters=hyperparameters)
+        return FloraSpec(self.settings() + extra, plans, treedef, hyperparameters)
 
 
 def _hashable(param_indices: Any) -> Any:
@@ -485,7 +499,7 @@ def zeros_placed(
 def derived_sharding(
     field: str, shape: tuple[int, ...], plan: policy.CompressionPlan, param: Any
 ) -> Any:
-    """The sharding of a state field whose shape is not the param's (DESIGN §8).
+    """The sharding of a state field whose shape is not the param's (docs/scale.md).
 
     For a committed 2-D param under ``NamedSharding(mesh, P(s0, s1))``: a compressed
     ``mu``/``acc`` keeps the uncompressed axis, ``(n, r)`` -> ``P(s0, None)`` and

@@ -24,7 +24,7 @@ FIELDS = ("mu", "nu", "nu_row", "nu_col")
 
 
 class FloraAdamState(NamedTuple):
-    """State of :func:`flora_optax.flora_adam` (DESIGN §5 names).
+    """State of :func:`flora_optax.flora_adam` (docs/spec.md §5 names).
 
     Attributes:
         count: int32 scalar, updates applied so far.
@@ -45,7 +45,7 @@ class FloraAdamState(NamedTuple):
 
 
 class FloraAdafactorState(NamedTuple):
-    """State of :func:`flora_optax.flora_adafactor` (DESIGN §5 names).
+    """State of :func:`flora_optax.flora_adafactor` (docs/spec.md §5 names).
 
     Attributes:
         count: int32 scalar, updates applied so far.
@@ -123,7 +123,9 @@ def transformation(
         return rule.state_cls(
             count=jnp.zeros([], jnp.int32),
             **{f: treedef.unflatten(v) for f, v in fields.items()},
-            spec=structure.spec(plans, treedef, extra),
+            spec=structure.spec(
+                plans, treedef, extra, _common.carried_hyperparameters(hyper)
+            ),
         )
 
     def update_fn(
@@ -172,7 +174,9 @@ def transformation(
         return treedef.unflatten(out), rule.state_cls(
             count=state.count + 1,
             **{f: treedef.unflatten(v) for f, v in new.items()},
-            spec=_common.FloraSpec(state.spec.settings, plans, treedef),
+            spec=_common.FloraSpec(
+                state.spec.settings, plans, treedef, state.spec.hyperparameters
+            ),
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

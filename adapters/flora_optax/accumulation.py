@@ -17,7 +17,7 @@ from flora_optax._common import FloraSpec
 
 
 class FloraMultiStepsState(NamedTuple):
-    """State of :func:`flora_multi_steps` (DESIGN §5 names).
+    """State of :func:`flora_multi_steps` (docs/spec.md §5 names).
 
     Attributes:
         micro_step: int32 scalar, micro-batches accumulated in the current cycle.
@@ -120,7 +120,11 @@ def flora_multi_steps(
             count=jnp.zeros([], jnp.int32),
             inner_state=inner.init(params),
             acc=acc,
-            spec=structure.spec(plans, treedef),
+            spec=structure.spec(
+                plans,
+                treedef,
+                hyperparameters=(("every_k_schedule", every_k_schedule),),
+            ),
         )
 
     def update_fn(
@@ -175,7 +179,9 @@ def flora_multi_steps(
             count=(state.count + emit).astype(jnp.int32),
             inner_state=inner_state,
             acc=treedef.unflatten(acc),
-            spec=FloraSpec(state.spec.settings, plans, treedef),
+            spec=FloraSpec(
+                state.spec.settings, plans, treedef, state.spec.hyperparameters
+            ),
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

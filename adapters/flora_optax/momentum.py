@@ -117,7 +117,9 @@ def scale_by_flora_momentum(
         return FloraMomentumState(
             count=jnp.zeros([], jnp.int32),
             mu=mu,
-            spec=structure.spec(plans, treedef, extra),
+            spec=structure.spec(
+                plans, treedef, extra, _common.carried_hyperparameters(hyper)
+            ),
         )
 
     def update_fn(
@@ -152,7 +154,9 @@ def scale_by_flora_momentum(
         new_state = FloraMomentumState(
             state.count + 1,
             treedef.unflatten(mu),
-            _common.FloraSpec(state.spec.settings, plans, treedef),
+            _common.FloraSpec(
+                state.spec.settings, plans, treedef, state.spec.hyperparameters
+            ),
         )
         return treedef.unflatten(out), new_state
 

@@ -343,6 +343,16 @@ class FloraOptimizer(keras.optimizers.Optimizer):
 
     # ------------------------------------------------------------- serializing
 
+    def load_own_variables(self, store: Any) -> None:
+        """Keras' restore (``load_model``, ``load_weights``), then the range checks
+        of ``import_state`` (docs/spec.md §5.6): a negative ``iterations``, a
+        non-finite or negative statistic is refused, naming it."""
+        super().load_own_variables(store)
+        if self.built:
+            from flora_keras.checkpoint import check_restored
+
+            check_restored(self)
+
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(

@@ -189,3 +189,18 @@ def import_state(optimizer: Any, source: Source) -> None:
 
 
 _IGNORABLE = ("count", "micro_step", "acc")
+
+
+def check_restored(optimizer: FloraOptimizer) -> None:
+    """The range checks of :func:`import_state` on a state Keras restored itself
+    (``load_own_variables``): ``iterations`` >= 0, each weight's statistics finite
+    and its second moments non-negative."""
+    step, tau = int(ops.convert_to_numpy(optimizer._iterations)), _tau(optimizer)
+    if step < 0:
+        raise ValueError(f"iterations: the restored counter is negative ({step})")
+    for plan, _, _, slots in _weights(optimizer):
+        fields = {n: np.asarray(ops.convert_to_numpy(v)) for n, v in slots.items()}
+        fields["count"] = np.asarray(step // tau, dtype=np.int64)
+        if tau > 1:
+            fields["micro_step"] = np.asarray(step % tau, dtype=np.int64)
+        core_state.check_values(fields, plan, tau)

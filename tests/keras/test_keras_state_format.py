@@ -166,3 +166,31 @@ def test_a_file_of_another_layout_is_refused_before_reading(tmp_path: Path):
         flora_keras.import_state(
             built(rank=3, accumulation_steps=2), tmp_path / "s.npz"
         )
+
+
+def keras_store(optimizer):
+    """What Keras' ``save_own_variables`` writes: each variable by its index."""
+    return {str(i): keras.ops.convert_to_numpy(v) for i, v in enumerate(
+        optimizer.variables)}  # fmt: skip
+
+
+@pytest.mark.parametrize("fault", ["iterations", "nan", "negative"])
+def test_keras_restore_range_checks(fault):
+    """load_model / load_weights restore through load_own_variables: the same range
+    checks as import_state refuse a negative counter and broken statistics."""
+    optimizer = trained(steps=3)
+    store = keras_store(optimizer)
+    index = {id(v): str(i) for i, v in enumerate(optimizer.variables)}
+    nu = next(v for v in optimizer.variables if "nu" in v.name and len(v.shape) == 2)
+    if fault == "iterations":
+        store[index[id(optimizer._iterations)]] = np.asarray(-5, "int64")
+        message = r"iterations: the restored counter is negative \(-5\)"
+    else:
+        value = store[index[id(nu)]].copy()
+        value[0, 0] = np.nan if fault == "nan" else -1.0
+        store[index[id(nu)]] = value
+        message = "nu holds " + ("non-finite" if fault == "nan" else "negative")
+    fresh = trained(steps=3)
+    with pytest.raises(ValueError, match=message):
+        fresh.load_own_variables(store)
+    fresh.load_own_variables(keras_store(optimizer))  # an intact store loads

@@ -11,12 +11,15 @@ against three readers:
   FloraAdafactor state (numpy), ``.npz`` and ``.safetensors``;
 * ``flora_torch``: ``FloraAdam.import_state(path)`` of a file its ``export_state(path)``
   wrote mid-accumulation-cycle (named parameters), ``.npz`` and ``.safetensors``;
+* ``flora_optax`` / ``flora_keras`` (where JAX / Keras are installed; Keras on the
+  JAX backend): ``import_state(path, ...)`` of a FloraAdam state their
+  ``export_state(..., path)`` wrote mid-cycle, ``.npz`` and ``.safetensors``;
 * ``torch.save``: the same truncations and flips of ``torch.save(optimizer.state_dict())``
   read by ``torch.load(weights_only=True)`` + ``load_state_dict``: torch's own
   container, which has no checksum, measured for contrast (not a Flora format).
 
 Writes ``benchmarks/results/fault_injection.{json,md}``; exits 1 if a Flora container
-(core or flora_torch) loaded altered values or refused without a ``ValueError``.
+(core or an adapter) loaded altered values or refused without a ``ValueError``.
 """
 
 from __future__ import annotations
@@ -100,12 +103,72 @@ def torch_adapter_loader(
     def load(path: Path) -> bool:
         fresh = build()
         fresh.import_state(path)
-        back = fresh.export_state()
-        return back.keys() == flat.keys() and all(
-            np.array_equal(back[k], flat[k]) for k in flat
-        )
+        return same_flat(fresh.export_state(), flat)
 
     return load
+
+
+def same_flat(back: dict, flat: dict) -> bool:
+    return back.keys() == flat.keys() and all(
+        np.array_equal(back[k], flat[k]) for k in flat
+    )
+
+
+def optax_target() -> tuple[dict, Callable[[Path], bool]] | None:
+    """A flora_multi_steps(flora_adam) state mid-cycle, and its loader."""
+    try:
+        import flora_optax
+        import jax.numpy as jnp
+    except ImportError:
+        return None
+    params = {"w": jnp.ones((96, 32)), "b": jnp.zeros((24,))}
+    tx = flora_optax.flora_multi_steps(flora_optax.flora_adam(1e-2, rank=8), 2)
+    state = tx.init(params)
+    rs = np.random.default_rng(0)
+    for _ in range(3):
+        grads = {k: jnp.asarray(rs.standard_normal(v.shape), jnp.float32)
+                 for k, v in params.items()}  # fmt: skip
+        _, state = tx.update(grads, state, params)
+    flat = flora_optax.export_state(state, params)
+
+    def load(path: Path) -> bool:
+        loaded = flora_optax.import_state(path, tx.init(params), params)
+        return same_flat(flora_optax.export_state(loaded, params), flat)
+
+    return flat, load
+
+
+def keras_target() -> tuple[dict, Callable[[Path], bool]] | None:
+    """A Keras FloraAdam(accumulation_steps=2) state mid-cycle, and its loader."""
+    import os
+
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    try:
+        import flora_keras
+        import keras
+    except ImportError:
+        return None
+
+    def build() -> tuple[Any, list[Any]]:
+        weights = [keras.Variable(np.ones((96, 32), "float32"), name="w"),
+                   keras.Variable(np.zeros((24,), "float32"), name="b")]  # fmt: skip
+        optimizer = flora_keras.FloraAdam(1e-2, rank=8, accumulation_steps=2)
+        optimizer.build(weights)
+        return optimizer, weights
+
+    optimizer, weights = build()
+    rs = np.random.default_rng(0)
+    for _ in range(3):
+        grads = [rs.standard_normal(w.shape).astype("float32") for w in weights]
+        optimizer.apply_gradients(zip(grads, weights, strict=True))
+    flat = flora_keras.export_state(optimizer)
+
+    def load(path: Path) -> bool:
+        fresh, _ = build()
+        flora_keras.import_state(fresh, path)
+        return same_flat(flora_keras.export_state(fresh), flat)
+
+    return flat, load
 
 
 def equal(a: Any, b: Any) -> bool:
@@ -172,11 +235,15 @@ def run(seeds: list[int]) -> dict:
     torch_load = torch_adapter_loader(torch_flat, build)
     reference = optimizer.state_dict()
     pt_load = torch_save_loader(reference, build)
+    targets = [("core", core_flat, core_load), ("flora_torch", torch_flat, torch_load)]
+    for reader, target in (("flora_optax", optax_target()),
+                           ("flora_keras", keras_target())):  # fmt: skip
+        if target is not None:
+            targets.append((reader, *target))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for seed in seeds:
-            for reader, flat, load in (("core", core_flat, core_load),
-                                       ("flora_torch", torch_flat, torch_load)):  # fmt: skip
+            for reader, flat, load in targets:
                 for fault in faults.faults(flat, work, seed):
                     if fault.kind == "crafted" and seed != seeds[0]:
                         continue  # the same files for every seed
@@ -191,6 +258,9 @@ def run(seeds: list[int]) -> dict:
             for fault in torch_save_faults(reference, seed):
                 record("torch.save", fault, *faults.judge(fault, pt_load, work))
     return {"rows": list(rows.values()), "crafted_peak_bytes": peak}
+
+
+FLORA_READERS = ("core", "flora_torch", "flora_optax", "flora_keras")
 
 
 def totals(rows: list[dict], readers: tuple[str, ...]) -> dict[str, int]:
@@ -208,7 +278,7 @@ def markdown(out: dict) -> str:
         "*unchanged*: it loaded every value equal to the original (the flip hit bytes "
         "that carry nothing: zip timestamps, JSON padding); *altered*: it loaded "
         "different values without a word.\n",
-        f"**Flora's containers (core + flora_torch): {flora['tried']} faults, "
+        f"**Flora's containers (core and the adapters): {flora['tried']} faults, "
         f"{flora['refused']} refused, {flora['unchanged']} loaded unchanged, "
         f"{flora['altered']} loaded altered, {flora['unnamed']} refused without a "
         "named error.** Refusing a crafted file allocated at most "
@@ -269,7 +339,7 @@ def main() -> int:
     args = parser.parse_args()
     out = {"meta": provenance("torch"), "seeds": args.seeds, **run(args.seeds)}
     out["totals"] = {
-        "flora": totals(out["rows"], ("core", "flora_torch")),
+        "flora": totals(out["rows"], FLORA_READERS),
         "torch.save": totals(out["rows"], ("torch.save",)),
     }
     out["before"] = [{"fault": f, "before": b} for f, b in BEFORE]

@@ -112,6 +112,14 @@ def crafted(flat: Mapping[str, Any]) -> Iterator[Fault]:
         "an unknown key",
         _npz({**good, "extra.evil": _npy(np.zeros(4, np.float32))}),
     )
+    broken = "{'descr': '<f4', 'fortran_order': False, 'shape': (4,, }".ljust(118)
+    yield Fault(
+        "crafted",
+        ".npz",
+        "an .npy header that is not a Python literal",
+        _npz({**good, "param.0.mu": b"\x93NUMPY\x01\x00"
+              + struct.pack("<H", 119) + broken.encode() + b"\n"}),
+    )  # fmt: skip
     pickled = io.BytesIO()
     np.lib.format.write_array(
         pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True

@@ -27,6 +27,7 @@ import math
 import os
 import struct
 import tempfile
+import tokenize
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -243,12 +244,14 @@ def _npy_header(member: IO[bytes]) -> tuple[np.dtype, tuple[int, ...], int]:
     from numpy.lib import format as npy
 
     version = npy.read_magic(member)
-    if version == (1, 0):
-        shape, fortran, dtype = npy.read_array_header_1_0(member)
-    elif version == (2, 0):
-        shape, fortran, dtype = npy.read_array_header_2_0(member)
-    else:
+    if version not in ((1, 0), (2, 0)):
         raise ValueError(f"unsupported .npy version {version}")
+    read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+    try:
+        shape, fortran, dtype = read(member)
+    except (SyntaxError, tokenize.TokenError, TypeError) as error:
+        # numpy parses the header as a Python literal: a damaged one fails there
+        raise ValueError(f"malformed .npy header ({type(error).__name__})") from None
     if fortran and len(shape) > 1:
         raise ValueError("Fortran-ordered arrays are not written by Flora")
     if dtype.hasobject:

@@ -65,6 +65,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 RANK = 256
 RNG_SHAPES = [(256, 1024), (256, 4096), (256, 50257), (8192, 8192)]
 SECTIONS = ("bits", "rng", "step", "memory", "velora")
+# flora_core.rng's draws by the names the CuPy and Triton kernels give them
+KERNEL_KINDS = {"random_bits": "bits", "uniform": "uniform",
+                "rademacher": "rademacher", "gaussian": "gaussian"}  # fmt: skip
 # NOTE [gpu budget]: seconds per section, by design well under the 8 minutes of one
 # H200 session (imports and start-up take the rest); a section past its budget skips
 # its remaining rows (reported), so the whole run ends in time on a slower GPU too.
@@ -268,10 +271,8 @@ def bench_bits(budget: Budget) -> list[dict]:
 
         from flora_core import cupy_kernels
 
-        kinds = {"random_bits": "bits", "uniform": "uniform", "rademacher": "rademacher",
-                 "gaussian": "gaussian"}  # fmt: skip
         draws["CuPy kernel"] = lambda d: cupy_kernels.draw(
-            kinds[d], b["seed"], b["step"], b["stream"], b["shape"],
+            KERNEL_KINDS[d], b["seed"], b["step"], b["stream"], b["shape"],
             offset=b["offset"])  # fmt: skip
         draws["core on CuPy"] = lambda d: getattr(rng, d)(
             b["seed"], b["step"], b["stream"], b["shape"], xp=xcupy,
@@ -279,10 +280,8 @@ def bench_bits(budget: Budget) -> list[dict]:
     if available("triton"):
         from flora_torch import triton_rng
 
-        kinds = {"random_bits": "bits", "uniform": "uniform", "rademacher": "rademacher",
-                 "gaussian": "gaussian"}  # fmt: skip
         draws["Triton kernel"] = lambda d: triton_rng.draw(
-            kinds[d], b["seed"], b["step"], b["stream"], b["shape"], offset=b["offset"],
+            KERNEL_KINDS[d], b["seed"], b["step"], b["stream"], b["shape"], offset=b["offset"],
             device="cuda")  # fmt: skip
     rows = []
     for backend in BITS_BACKENDS:

@@ -44,7 +44,6 @@ RESULTS = ROOT / "benchmarks" / "results"
 from _meta import markdown_header, provenance  # noqa: E402
 
 from conformance import faults  # noqa: E402
-from flora_core import policy, rules, state  # noqa: E402
 
 # Measured before format 2 (issue 16), the same kinds of fault by hand.
 BEFORE = [
@@ -60,18 +59,7 @@ BEFORE = [
 
 
 def core_target() -> tuple[dict, Callable[[Path], bool]]:
-    config = rules.AdafactorConfig(kappa=5)
-    shapes = ((40, 24), (24,), (8, 3, 3, 3))
-    plans = [policy.plan(s, i, rank=4, seed=11) for i, s in enumerate(shapes)]
-    rs = np.random.default_rng(0)
-    states = []
-    for plan in plans:
-        init = rules.flora_adafactor_init(plan, config, xp=np)
-        fields = {k: np.abs(rs.standard_normal(np.shape(v))).astype(np.float32)
-                  for k, v in init.items() if k != "count"}  # fmt: skip
-        states.append({**fields, "count": 12})
-    header = state.Header.of("adafactor", config, names=("w", "b", "conv"))
-    flat = state.export_state(plans, states, header)
+    flat, plans, header = faults.sample_state(seed=11)
     return flat, faults.loader(flat, plans, header)
 
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from flora_core import state, state_files
+from flora_core import policy, rules, state, state_files
 
 TRUNCATIONS = 16
 FLIPS = 200
@@ -57,6 +57,23 @@ def faults(flat: Mapping[str, Any], workdir: Path, seed: int = 0) -> Iterator[Fa
     for suffix in state_files.SUFFIXES:
         yield from damaged(good_file(flat, suffix, workdir), suffix, rs)
     yield from crafted(flat)
+
+
+def sample_state(seed: int) -> tuple[dict[str, Any], list[Any], state.Header]:
+    """A FloraAdafactor state of three parameters (matrix, vector, conv kernel) in
+    the portable flat form, with its plans and header: what the faults damage."""
+    config = rules.AdafactorConfig(kappa=5)
+    shapes = ((40, 24), (24,), (8, 3, 3, 3))
+    plans = [policy.plan(s, i, rank=4, seed=seed) for i, s in enumerate(shapes)]
+    rs = np.random.default_rng(0)
+    states = []
+    for plan in plans:
+        init = rules.flora_adafactor_init(plan, config, xp=np)
+        fields = {k: np.abs(rs.standard_normal(np.shape(v))).astype(np.float32)
+                  for k, v in init.items() if k != "count"}  # fmt: skip
+        states.append({**fields, "count": 12})
+    header = state.Header.of("adafactor", config, names=("w", "b", "conv"))
+    return state.export_state(plans, states, header), plans, header
 
 
 def damaged(data: bytes, container: str, rs: np.random.Generator) -> Iterator[Fault]:

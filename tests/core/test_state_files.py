@@ -10,31 +10,19 @@ import sys
 import textwrap
 from pathlib import Path
 
-import array_api_compat.numpy as xp
 import numpy as np
 import pytest
 
 from conformance import faults
-from flora_core import policy, rules, state, state_files
+from flora_core import state, state_files
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def target():
-    config = rules.AdafactorConfig(kappa=5)
-    shapes = ((40, 24), (24,), (8, 3, 3, 3))
     # a seed above 2**63: uint64 survives both containers and the JSON header
-    plans = [policy.plan(s, i, rank=4, seed=2**63 + 5) for i, s in enumerate(shapes)]
-    rs = np.random.default_rng(0)
-    states = []
-    for plan in plans:
-        fields = rules.flora_adafactor_init(plan, config, xp=xp)
-        fields = {k: np.abs(rs.standard_normal(np.shape(v))).astype(np.float32)
-                  for k, v in fields.items() if k != "count"}  # fmt: skip
-        states.append({**fields, "count": 12})
-    header = state.Header.of("adafactor", config, names=("w", "b", "conv"))
-    return state.export_state(plans, states, header), plans, header
+    return faults.sample_state(seed=2**63 + 5)
 
 
 @pytest.mark.parametrize("suffix", state_files.SUFFIXES)

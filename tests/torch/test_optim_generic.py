@@ -34,27 +34,14 @@ Not applicable, with the reason (torch's tests that are not ported):
 from __future__ import annotations
 
 import functools
-import importlib.util
 import inspect
-import sys
-from pathlib import Path
 from typing import Any
 
+import flora_reference as reference
+import optim_db as db
 import pytest
 import torch
 
-
-def _load(name: str) -> Any:
-    path = Path(__file__).with_name(name)
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[path.stem] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-db = _load("optim_db.py")
-reference = _load("flora_reference.py")
 cases = pytest.mark.parametrize(("info", "inp"), db.CASES, ids=db.CASE_IDS)
 infos = pytest.mark.parametrize("info", db.OPTIM_DB, ids=lambda i: i.name)
 make, advance, quadratic, weight_bias = (

@@ -13,28 +13,15 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.util
 import io
 import pickle
-import sys
-from pathlib import Path
 from typing import Any
 
+import optim_db as db
 import pytest
 import torch
 from flora_torch import FloraAdam
 
-
-def _load(name: str) -> Any:
-    path = Path(__file__).with_name(name)
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[path.stem] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-db = _load("optim_db.py")
 cases = pytest.mark.parametrize(("info", "inp"), db.CASES, ids=db.CASE_IDS)
 make, advance, quadratic, weight_bias = (
     db.make,
